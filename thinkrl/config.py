@@ -1,0 +1,364 @@
+"""Dataclass configs: YAML file + dotted CLI overrides (key=value), validated with clear errors.
+
+    cfg = load_config("configs/quickstart.yaml", ["algo.lr=1e-5", "rollout.n=8"])
+
+Every error is a `ConfigError` whose message is one line naming the key and what is wrong.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem; the message is one line meant for the user."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = "micro"  # "micro" (embedded default), a registered name, or a local HF model directory
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (weights of the trained model)
+    autocast_bf16: bool = False  # bf16 autocast for forward passes where the device supports it
+    # micro model architecture (used when path == "micro")
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    max_position: int = 256
+    # LoRA (via peft); r == 0: full fine-tuning
+    lora_r: int = 0
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    train_path: str = ""  # empty: samples come from the task's generator
+    eval_path: str = ""  # empty: a held-out split (from the file, or the generator with another seed)
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    id_field: str = ""
+    num_train: int = 20000  # generated tasks: how many training problems
+    num_eval: int = 500  # held-out problems for evaluation
+    eval_fraction: float = 0.1  # file datasets without eval_path: fraction held out
+    shuffle: bool = True
+
+
+@dataclass
+class TaskConfig:
+    name: str = "arithmetic"  # registered name, or "pkg.module:Attr" import path
+    params: dict = field(default_factory=dict)  # task-specific keyword arguments
+    system_prompt: str = ""
+    reward_timeout: float = 10.0  # seconds per reward call
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "embedded"  # embedded | remote
+    n: int = 8  # samples per prompt (group size)
+    batch_prompts: int = 16  # prompts per RL step
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    mode: str = "sync"  # sync | async
+    max_staleness: int = 0  # async staleness bound eta
+    servers: list[str] = field(default_factory=list)  # remote engine: base URLs
+    server_api: str = "sglang"  # sglang | openai
+    max_concurrency: int = 64  # remote engine: requests in flight per server
+
+
+@dataclass
+class AlgoConfig:
+    advantage: str = "grpo"
+    loss: str = "ppo"
+    lr: float = 1e-3
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float = 0.0  # 0: off; else the bound c (> 1) for negative advantages
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    reward_scale: float = 1.0  # r' = (r - reward_bias) * reward_scale
+    reward_bias: float = 0.0
+    ppo_epochs: int = 1  # optimisation passes over each batch
+    mask_uniform_groups: bool = False  # drop groups whose rewards are all equal from the loss
+    norm_std: bool = True  # grpo: divide by group std
+    gamma: float = 1.0
+    lam: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # RL steps
+    max_tokens_per_mb: int = 8192  # micro-batch token budget
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine | linear
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    world_size: int = 1
+    # SFT
+    sft_steps: int = 1000
+    sft_lr: float = 3e-3
+    sft_batch_size: int = 64
+    save_every: int = 0  # RL steps between checkpoints (0: at the end only)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # RL steps between evaluations (0: only at the end)
+    k: int = 4  # samples per problem for mean@k (0: greedy only)
+    temperature: float = 1.0
+    max_new_tokens: int = 0  # 0: same as rollout.max_new_tokens
+    batch_size: int = 256
+
+
+@dataclass
+class LogConfig:
+    progress: bool = True
+    wandb: bool = False
+    tensorboard: bool = False
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/train"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    threads: int = 0  # torch intra-op threads (0: torch default)
+    init_from: str = ""  # checkpoint directory to start from (e.g. an SFT run's final checkpoint)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys += _all_keys(hint, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close:  # try on the last component only
+        last = key.rsplit(".", 1)[-1]
+        by_last = {k.rsplit(".", 1)[-1]: k for k in valid}
+        m = difflib.get_close_matches(last, list(by_last), n=1, cutoff=0.6)
+        close = [by_last[m[0]]] if m else []
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None and type(None) in args:
+            return None
+        errs = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a)
+            except ConfigError as e:
+                errs.append(str(e))
+        raise ConfigError(errs[0] if errs else f"{key}: bad value {value!r}")
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):  # YAML reads "1e-5" as a string
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if origin is list or hint is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _apply(obj: Any, data: dict, prefix: str, valid: list[str]) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(f"unknown config key '{key}'{_suggest(key, valid)}")
+        hint = hints[k]
+        if dataclasses.is_dataclass(hint):
+            _apply(getattr(obj, k), v, f"{key}.", valid)
+        else:
+            setattr(obj, k, _coerce(key, v, hint))
+
+
+def _set_dotted(obj: Any, key: str, raw: str, valid: list[str]) -> None:
+    parts = key.split(".")
+    target = obj
+    for i, p in enumerate(parts):
+        if not dataclasses.is_dataclass(target) or p not in {f.name for f in dataclasses.fields(target)}:
+            # task.params.foo=1 : free-form task parameters
+            if isinstance(target, dict):
+                target[".".join(parts[i:])] = yaml.safe_load(raw) if raw != "" else ""
+                return
+            raise ConfigError(f"unknown config key '{key}'{_suggest(key, valid)}")
+        if i == len(parts) - 1:
+            hint = typing.get_type_hints(type(target))[p]
+            if dataclasses.is_dataclass(hint):
+                raise ConfigError(f"{key}: is a section; set one of its keys, e.g. {key}.{dataclasses.fields(hint)[0].name}=...")
+            try:
+                value = yaml.safe_load(raw) if raw != "" else ""
+            except yaml.YAMLError:
+                value = raw
+            setattr(target, p, _coerce(key, value, hint))
+            return
+        target = getattr(target, p)
+
+
+def validate(cfg: Config) -> Config:
+    """Impossible values and unknown registry names. Raises ConfigError."""
+
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{key}: {msg}, got {_get(cfg, key)!r}")
+
+    def one_of(key: str, options: list[str]) -> None:
+        if _get(cfg, key) not in options:
+            raise ConfigError(f"{key}: unknown value {_get(cfg, key)!r}; valid: {', '.join(sorted(options))}")
+
+    need(cfg.rollout.n >= 1, "rollout.n", "must be >= 1")
+    need(cfg.rollout.batch_prompts >= 1, "rollout.batch_prompts", "must be >= 1")
+    need(cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+    need(cfg.rollout.temperature >= 0, "rollout.temperature", "must be >= 0")
+    need(0 < cfg.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+    need(cfg.rollout.top_k >= 0, "rollout.top_k", "must be >= 0")
+    need(cfg.rollout.max_staleness >= 0, "rollout.max_staleness", "must be >= 0")
+    one_of("rollout.mode", ["sync", "async"])
+    one_of("rollout.server_api", ["sglang", "openai"])
+    need(cfg.algo.lr > 0, "algo.lr", "must be > 0")
+    need(cfg.algo.clip_low >= 0, "algo.clip_low", "must be >= 0")
+    need(cfg.algo.clip_high >= 0, "algo.clip_high", "must be >= 0")
+    need(cfg.algo.dual_clip == 0 or cfg.algo.dual_clip > 1, "algo.dual_clip", "must be 0 (off) or > 1")
+    need(cfg.algo.ppo_epochs >= 1, "algo.ppo_epochs", "must be >= 1")
+    need(cfg.algo.kl_coef >= 0, "algo.kl_coef", "must be >= 0")
+    need(cfg.train.steps >= 0, "train.steps", "must be >= 0")
+    need(cfg.train.max_tokens_per_mb >= 16, "train.max_tokens_per_mb", "must be >= 16")
+    need(cfg.train.world_size >= 1, "train.world_size", "must be >= 1")
+    need(cfg.train.sft_lr > 0, "train.sft_lr", "must be > 0")
+    need(cfg.train.sft_batch_size >= 1, "train.sft_batch_size", "must be >= 1")
+    need(len(cfg.train.betas) == 2 and all(0 <= b < 1 for b in cfg.train.betas), "train.betas", "must be two numbers in [0, 1)")
+    one_of("train.lr_schedule", ["constant", "cosine", "linear"])
+    one_of("model.dtype", ["float32", "bfloat16", "float16"])
+    need(cfg.model.num_heads % max(cfg.model.num_kv_heads, 1) == 0, "model.num_kv_heads", "must divide model.num_heads")
+    need(cfg.model.hidden_size % cfg.model.num_heads == 0, "model.hidden_size", "must be a multiple of model.num_heads")
+    need(cfg.model.lora_r >= 0, "model.lora_r", "must be >= 0")
+    need(cfg.data.num_eval >= 1, "data.num_eval", "must be >= 1")
+    need(0 < cfg.data.eval_fraction < 1, "data.eval_fraction", "must be in (0, 1)")
+    need(cfg.eval.k >= 0, "eval.k", "must be >= 0")
+    need(cfg.run.device == "auto" or cfg.run.device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"), "run.device", "must be auto, cpu, cuda[:N], mps or xpu")
+
+    from thinkrl.algo import registered_advantages, registered_losses, registered_kl, registered_loss_aggs
+
+    one_of("algo.advantage", registered_advantages())
+    one_of("algo.loss", registered_losses())
+    one_of("algo.kl_estimator", registered_kl())
+    one_of("algo.loss_agg", registered_loss_aggs())
+    if ":" not in cfg.task.name:
+        from thinkrl.tasks import registered_tasks
+
+        one_of("task.name", registered_tasks())
+    return cfg
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for p in key.split("."):
+        obj = getattr(obj, p)
+    return obj
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: Config | None = None) -> Config:
+    """Build a Config from defaults (or `base`), a YAML file, and `key=value` overrides."""
+    cfg = base if base is not None else Config()
+    valid = _all_keys(Config)
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
+        _apply(cfg, data, "", valid)
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r}: expected key=value (e.g. algo.lr=1e-5)")
+        k, v = ov.split("=", 1)
+        _set_dotted(cfg, k.strip(), v.strip(), valid)
+    return validate(cfg)
