@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from thinkrl.algo.config import AlgoConfig
+
 
 class ConfigError(ValueError):
     """A config problem; the message is one line meant for the user."""
@@ -75,27 +77,6 @@ class RolloutConfig:
     servers: list[str] = field(default_factory=list)  # remote engine: base URLs
     server_api: str = "sglang"  # sglang | openai
     max_concurrency: int = 64  # remote engine: requests in flight per server
-
-
-@dataclass
-class AlgoConfig:
-    advantage: str = "grpo"
-    loss: str = "ppo"
-    lr: float = 1e-3
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float = 0.0  # 0: off; else the bound c (> 1) for negative advantages
-    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-    entropy_coef: float = 0.0
-    reward_scale: float = 1.0  # r' = (r - reward_bias) * reward_scale
-    reward_bias: float = 0.0
-    ppo_epochs: int = 1  # optimisation passes over each batch
-    mask_uniform_groups: bool = False  # drop groups whose rewards are all equal from the loss
-    norm_std: bool = True  # grpo: divide by group std
-    gamma: float = 1.0
-    lam: float = 1.0
 
 
 @dataclass
@@ -319,6 +300,7 @@ def validate(cfg: Config) -> Config:
     need(cfg.eval.k >= 0, "eval.k", "must be >= 0")
     need(cfg.run.device == "auto" or cfg.run.device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"), "run.device", "must be auto, cpu, cuda[:N], mps or xpu")
 
+    cfg.algo.validate()
     from thinkrl.algo import registered_advantages, registered_losses, registered_kl, registered_loss_aggs
 
     one_of("algo.advantage", registered_advantages())

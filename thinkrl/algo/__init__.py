@@ -7,6 +7,7 @@ from thinkrl.algo.registry import (  # noqa: F401
     KL_ESTIMATORS,
     LOSS_AGGS,
     LOSSES,
+    UnknownNameError,
     get_advantage,
     get_kl,
     get_loss,
@@ -19,7 +20,7 @@ from thinkrl.algo.registry import (  # noqa: F401
 
 
 def _load_all() -> None:
-    from thinkrl.algo import advantages, kl, losses, aggregation  # noqa: F401
+    from thinkrl.algo import advantages, aggregation, kl, losses  # noqa: F401
 
 
 def registered_advantages() -> list[str]:

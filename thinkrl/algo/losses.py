@@ -3,6 +3,16 @@
 Every loss takes a `LossInput` (flat per-token tensors of one micro-batch, plus the *global*
 token/sequence counts of the whole batch so that summing micro-batch losses gives the batch loss
 whatever the split) and the AlgoConfig, and returns (loss, metrics).
+
+Total loss = agg(policy term * correction weight) + kl_coef * agg(k(logp, ref_logp))
+             - entropy_coef * agg(entropy)
+(the KL term only when kl_coef > 0 and not algo.kl_in_reward).
+
+Metrics are micro-batch *contributions*: means are already divided by the global counts, so the
+trainer sums them over micro-batches; keys ending in `_max` are reduced with max. `reduce_metrics`
+does exactly that. Names: loss/policy, loss/kl, loss/entropy, loss/total, clip/frac,
+clip/dual_frac, is/ratio_max, is/tis_max, is/tis_clip_frac, is/behav_weight_max,
+is/behav_masked_frac, kl/mean, entropy/mean.
 """
 from __future__ import annotations
 
@@ -10,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from thinkrl.algo.registry import get_loss_agg, register_loss
+from thinkrl.algo.aggregation import seq_sums
+from thinkrl.algo.registry import get_kl, get_loss_agg, register_loss
 
 
 @dataclass
@@ -21,10 +32,11 @@ class LossInput:
     mask: torch.Tensor  # [N] float, 1 on loss tokens
     seq_ids: torch.Tensor  # [N] long, global index of the sequence of each token
     num_tokens: float  # loss tokens in the whole batch (all micro-batches, all ranks)
-    num_seqs: float  # sequences in the whole batch
+    num_seqs: float  # sequences with at least one loss token in the whole batch
     behav_logp: torch.Tensor | None = None  # [N] inference engine's log-probs (behaviour policy)
     ref_logp: torch.Tensor | None = None  # [N] reference policy (KL)
     entropy: torch.Tensor | None = None  # [N] per-token entropy of the current policy
+    max_len: float = 0.0  # max response length in the whole batch (Dr.GRPO normaliser); 0: unset
 
 
 def masked_max(x: torch.Tensor, mask: torch.Tensor) -> float:
@@ -33,26 +45,171 @@ def masked_max(x: torch.Tensor, mask: torch.Tensor) -> float:
     return float(x.detach()[mask > 0].max())
 
 
-@register_loss("ppo")
-def ppo(inp: LossInput, cfg):
-    """PPO clip with separate clip_low / clip_high (clip-higher) and optional dual clip."""
-    log_ratio = (inp.logp - inp.old_logp).clamp(-20.0, 20.0)
-    ratio = torch.exp(log_ratio)
-    adv = inp.advantages
+def _frac(flag: torch.Tensor, inp: LossInput) -> float:
+    """Contribution of this micro-batch to the batch fraction of loss tokens where flag holds."""
+    return float((flag.to(inp.mask.dtype) * inp.mask).sum()) / max(float(inp.num_tokens), 1.0)
+
+
+def reduce_metrics(per_micro_batch: list[dict]) -> dict[str, float]:
+    """Combine loss metrics of micro-batches: sum, except `*_max` keys (max)."""
+    out: dict[str, float] = {}
+    for m in per_micro_batch:
+        for k, v in m.items():
+            out[k] = (max(out[k], v) if k.endswith("_max") else out[k] + v) if k in out else v
+    return out
+
+
+def clipped_surrogate(ratio: torch.Tensor, adv: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO clip (Schulman et al. 2017) with clip-higher (DAPO, Yu et al. 2025) and dual clip (Ye et al. 2020):
+
+    l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high));  if A < 0 and dual_clip = c > 1: l = min(l, -c A).
+    Returns (per-token loss, clip mask, dual-clip mask).
+    """
     pg1 = -adv * ratio
     pg2 = -adv * ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
     per_token = torch.maximum(pg1, pg2)
-    clipped = (pg2 > pg1).float()
+    clipped = pg2 > pg1
+    dual = torch.zeros_like(clipped)
     if cfg.dual_clip and cfg.dual_clip > 1:
         bound = -adv * cfg.dual_clip
-        dual = torch.where(adv < 0, torch.minimum(per_token, bound), per_token)
-        clipped = torch.where((adv < 0) & (dual < per_token), torch.ones_like(clipped), clipped)
-        per_token = dual
+        dual = (adv < 0) & (per_token > bound)
+        per_token = torch.where(dual, bound, per_token)
+    return per_token, clipped, dual
+
+
+def _ratio(logp: torch.Tensor, old_logp: torch.Tensor) -> torch.Tensor:
+    return torch.exp((logp - old_logp).clamp(-20.0, 20.0))
+
+
+def tis_weights(inp: LossInput, cfg) -> tuple[torch.Tensor | None, dict]:
+    """Truncated importance sampling between the engine's and the trainer's log-probs
+    (Yao et al. 2025 "Your efficient RL framework secretly brings you off-policy RL"; Olmo 3):
+
+    token:    w_t = min(exp(old_logp_t - behav_logp_t), C)
+    sequence: w_i = min(exp(sum_t (old_logp_it - behav_logp_it)), C)  on every token of sequence i
+    with C = cfg.tis_cap; the weight is a constant (no gradient). Returns (None, {}) when off.
+    """
+    level = getattr(cfg, "tis_level", "none")
+    if level == "none":
+        return None, {}
+    if inp.behav_logp is None:
+        raise ValueError(f"algo.tis_level={level!r} needs LossInput.behav_logp (the inference engine's log-probs)")
+    log_w = ((inp.old_logp - inp.behav_logp) * inp.mask).detach()
+    if level == "sequence":
+        s, local = seq_sums(log_w, inp.seq_ids)
+        log_w = s[local]
+    elif level != "token":
+        raise ValueError(f"algo.tis_level: unknown value {level!r}; valid: none, sequence, token")
+    raw = torch.exp(log_w.clamp(-20.0, 20.0))
+    metrics = {"is/tis_max": masked_max(raw, inp.mask), "is/tis_clip_frac": _frac(raw > cfg.tis_cap, inp)}
+    return raw.clamp(max=cfg.tis_cap), metrics
+
+
+def _finish(per_token, weight, ratio, clipped, dual, inp: LossInput, cfg, metrics: dict):
+    """Weight, aggregate, add KL / entropy terms; fill the shared metrics."""
+    mask = inp.mask
+    per_token = torch.where(mask > 0, per_token, torch.zeros_like(per_token))
+    if weight is not None:
+        per_token = per_token * weight
     agg = get_loss_agg(cfg.loss_agg)
-    loss = agg(per_token, inp)
-    m = inp.mask
-    metrics = {
-        "clip/frac": float((clipped * m).sum()),  # summed; the trainer divides by num_tokens
-        "is/ratio_max": masked_max(ratio, m),
-    }
+    policy = agg(per_token, inp, cfg)
+    loss = policy
+    metrics.update({
+        "loss/policy": float(policy.detach()),
+        "clip/frac": _frac(clipped, inp),
+        "is/ratio_max": masked_max(ratio, mask),
+    })
+    if cfg.dual_clip and cfg.dual_clip > 1:
+        metrics["clip/dual_frac"] = _frac(dual, inp)
+    kl_in_loss = cfg.kl_coef > 0 and not getattr(cfg, "kl_in_reward", False)
+    if kl_in_loss and inp.ref_logp is None:
+        raise ValueError("algo.kl_coef > 0 with the KL in the loss needs LossInput.ref_logp (reference log-probs)")
+    if inp.ref_logp is not None:
+        kl = get_kl(cfg.kl_estimator)(inp.logp, inp.ref_logp)
+        kl = torch.where(mask > 0, kl, torch.zeros_like(kl))
+        metrics["kl/mean"] = float((kl.detach() * mask).sum()) / max(float(inp.num_tokens), 1.0)
+        if kl_in_loss:
+            kl_term = agg(kl, inp, cfg)
+            metrics["loss/kl"] = float(kl_term.detach())
+            loss = loss + cfg.kl_coef * kl_term
+    if cfg.entropy_coef > 0 and inp.entropy is None:
+        raise ValueError("algo.entropy_coef > 0 needs LossInput.entropy")
+    if inp.entropy is not None:
+        metrics["entropy/mean"] = float((inp.entropy.detach() * mask).sum()) / max(float(inp.num_tokens), 1.0)
+        if cfg.entropy_coef > 0:
+            ent_term = agg(inp.entropy, inp, cfg)
+            metrics["loss/entropy"] = float(ent_term.detach())
+            loss = loss - cfg.entropy_coef * ent_term
+    metrics["loss/total"] = float(loss.detach())
     return loss, metrics
+
+
+@register_loss("ppo")
+def ppo(inp: LossInput, cfg):
+    """PPO clip on the token ratio r_t = pi(y_t) / pi_old(y_t) (see `clipped_surrogate`), optionally
+    multiplied by the truncated IS weight (`tis_weights`, cfg.tis_level) for the engine/trainer mismatch."""
+    ratio = _ratio(inp.logp, inp.old_logp)
+    per_token, clipped, dual = clipped_surrogate(ratio, inp.advantages.detach(), cfg)
+    weight, metrics = tis_weights(inp, cfg)
+    return _finish(per_token, weight, ratio, clipped, dual, inp, cfg, metrics)
+
+
+@register_loss("decoupled_ppo")
+def decoupled_ppo(inp: LossInput, cfg):
+    """Decoupled PPO (Hilton et al. 2022; AReaL, Fu et al. 2025): the clip is taken against the proximal
+    policy (old_logp, recomputed by the trainer) and the behaviour policy (behav_logp, the engine's)
+    is corrected by a constant importance weight:
+
+    l_t = w_t * max(-A r_t, -A clip(r_t, 1 - clip_low, 1 + clip_high)),  r_t = pi / pi_prox,
+    w_t = pi_prox / pi_behav = exp(old_logp - behav_logp);  tokens with w_t > behav_weight_cap are
+    dropped (w_t = 0, as AReaL does) when the cap is > 0. With pi_prox == pi_behav this is `ppo`.
+    """
+    if inp.behav_logp is None:
+        raise ValueError("loss 'decoupled_ppo' needs LossInput.behav_logp (the inference engine's log-probs)")
+    ratio = _ratio(inp.logp, inp.old_logp)
+    per_token, clipped, dual = clipped_surrogate(ratio, inp.advantages.detach(), cfg)
+    w = _ratio(inp.old_logp, inp.behav_logp).detach()
+    metrics = {"is/behav_weight_max": masked_max(w, inp.mask)}
+    cap = getattr(cfg, "behav_weight_cap", 0.0)
+    if cap and cap > 0:
+        over = w > cap
+        metrics["is/behav_masked_frac"] = _frac(over, inp)
+        w = torch.where(over, torch.zeros_like(w), w)
+    return _finish(per_token, w, ratio, clipped, dual, inp, cfg, metrics)
+
+
+@register_loss("gspo")
+def gspo(inp: LossInput, cfg):
+    """GSPO (Zheng et al. 2025), token form: the sequence ratio s_i = exp(mean_t log(pi / pi_old)) is
+    clipped instead of token ratios. Per token s_it = sg[s_i] * pi(y_t) / sg[pi(y_t)] (same value for
+    every token of a sequence; same gradient as GSPO when the advantage is per sequence).
+    Use the paper's small clip ranges (e.g. clip_low 3e-4, clip_high 4e-4) and seq-mean-token-mean.
+    cfg.tis_level applies as in `ppo`."""
+    log_r = (inp.logp - inp.old_logp) * inp.mask
+    sums, local = seq_sums(log_r.detach(), inp.seq_ids)
+    counts, _ = seq_sums(inp.mask.to(log_r.dtype), inp.seq_ids)
+    seq_log_s = (sums / counts.clamp(min=1))[local]
+    ratio = torch.exp((seq_log_s + inp.logp - inp.logp.detach()).clamp(-20.0, 20.0))
+    per_token, clipped, dual = clipped_surrogate(ratio, inp.advantages.detach(), cfg)
+    weight, metrics = tis_weights(inp, cfg)
+    return _finish(per_token, weight, ratio, clipped, dual, inp, cfg, metrics)
+
+
+def value_loss(
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, num_tokens: float,
+    old_values: torch.Tensor | None = None, clip: float = 0.0,
+) -> tuple[torch.Tensor, dict]:
+    """Critic loss for `gae`: 0.5 * (V - R)^2 summed over loss tokens / num_tokens (global count, so it
+    is split-invariant). With old_values and clip > 0, PPO's value clipping:
+    0.5 * max((V - R)^2, (V_old + clip(V - V_old, -clip, clip) - R)^2). Targets R from `gae_returns`."""
+    returns = returns.detach()
+    l = (values - returns) ** 2
+    clipped = torch.zeros_like(l, dtype=torch.bool)
+    if old_values is not None and clip > 0:
+        v_clip = old_values + (values - old_values).clamp(-clip, clip)
+        l2 = (v_clip - returns) ** 2
+        clipped = l2 > l
+        l = torch.maximum(l, l2)
+    n = max(float(num_tokens), 1.0)
+    loss = 0.5 * (l * mask).sum() / n
+    return loss, {"loss/value": float(loss.detach()), "value/clip_frac": float((clipped.to(mask.dtype) * mask).sum()) / n}

@@ -9,6 +9,13 @@ KL_ESTIMATORS: dict[str, Callable] = {}
 LOSS_AGGS: dict[str, Callable] = {}
 
 
+class UnknownNameError(ValueError, KeyError):
+    """An unknown registry name. A ValueError (bad user input) and, for old callers, a KeyError."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 def _register(table: dict, kind: str, name: str):
     def deco(fn):
         if name in table:
@@ -40,7 +47,7 @@ def _get(table: dict, kind: str, name: str) -> Callable:
 
     _load_all()
     if name not in table:
-        raise KeyError(f"unknown {kind} {name!r}; valid: {', '.join(sorted(table))}")
+        raise UnknownNameError(f"unknown {kind} {name!r}; valid: {', '.join(sorted(table))}")
     return table[name]
 
 

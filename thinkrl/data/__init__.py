@@ -1,0 +1,40 @@
+"""Data: loading datasets (files, local HF datasets) or a task's generator; chat encoding."""
+from __future__ import annotations
+
+import random
+
+from thinkrl.types import Sample
+
+
+def load_task_data(cfg, task) -> tuple[list[Sample], list[Sample]]:
+    """(train, eval) samples per the config: files with a field mapping, or the task's generator."""
+    d = cfg.data
+    if d.train_path:
+        from thinkrl.data.datasets import load_samples, split_samples
+
+        train = load_samples(d.train_path, d.prompt_field, d.answer_field, d.id_field)
+        if d.eval_path:
+            ev = load_samples(d.eval_path, d.prompt_field, d.answer_field, d.id_field)
+        else:
+            train, ev = split_samples(train, d.eval_fraction, cfg.run.seed)
+        return train, ev[: d.num_eval]
+    if not task.can_generate:
+        raise ValueError(f"task {task.name!r} has no generator: set data.train_path")
+    train = task.generate(d.num_train, seed=cfg.run.seed * 1000 + 1)
+    ev = task.generate(d.num_eval, seed=cfg.run.seed * 1000 + 2)
+    held = {str(s.prompt) for s in ev}
+    train = [s for s in train if str(s.prompt) not in held]  # the held-out set is really held out
+    return train, ev
+
+
+def batch_for_step(samples: list[Sample], step: int, batch_size: int, seed: int, shuffle: bool = True) -> list[Sample]:
+    """The prompts of RL step `step`: a deterministic function of (seed, step), so resume is exact."""
+    n = len(samples)
+    out = []
+    for j in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(j, n)
+        order = list(range(n))
+        if shuffle:
+            random.Random(f"{seed}-{epoch}").shuffle(order)
+        out.append(samples[order[pos]])
+    return out

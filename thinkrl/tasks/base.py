@@ -84,8 +84,9 @@ def load_task_class(name: str):
         return obj
     from thinkrl.tasks import registered_tasks
 
+    valid = registered_tasks()
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; valid: {', '.join(registered_tasks())}")
+        raise ValueError(f"unknown task {name!r}; valid: {', '.join(valid)}")
     return TASKS[name]
 
 

@@ -1,0 +1,79 @@
+"""The `algo` config section (owned by the algorithm package).
+
+Reward pipeline, in the order the controller applies it (see `thinkrl.algo.shaping`):
+raw verifier reward -> length shaping (cosine / overlong) -> `(r - reward_bias) * reward_scale`
+-> optional KL penalty (`kl_in_reward`) -> advantage estimator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class AlgoConfig:
+    advantage: str = "grpo"  # grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline | gae | ppo_critic_free
+    loss: str = "ppo"  # ppo | decoupled_ppo | gspo
+    lr: float = 1e-3
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float = 0.0  # 0: off; else the bound c (> 1) for negative advantages
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    reward_scale: float = 1.0  # r' = (r - reward_bias) * reward_scale
+    reward_bias: float = 0.0
+    ppo_epochs: int = 1  # optimisation passes over each batch
+    mask_uniform_groups: bool = False  # drop groups whose rewards are all equal from the loss
+    norm_std: bool = True  # grpo: divide by group std
+    gamma: float = 1.0
+    lam: float = 1.0
+    # --- KL placement: False -> kl_coef * k(logp, ref_logp) in the loss; True -> subtracted from the reward
+    kl_in_reward: bool = False
+    # --- advantages
+    adv_whiten: bool = True  # gae / ppo_critic_free: normalise advantages over the batch's tokens
+    # --- aggregation: Dr.GRPO constant normaliser; 0 -> LossInput.max_len (the batch's max response length)
+    max_len_norm: int = 0
+    # --- off-policy corrections
+    tis_level: str = "none"  # none | token | sequence: truncated IS between engine and trainer log-probs
+    tis_cap: float = 2.0  # truncation C of the TIS weight min(w, C)
+    behav_weight_cap: float = 0.0  # decoupled_ppo: drop tokens whose behaviour weight > cap (0: no cap)
+    # --- reward shaping (thinkrl.algo.shaping)
+    correct_threshold: float = 1.0  # a response is "correct" when its raw reward >= this
+    overlong_buffer: float = 0.0  # DAPO soft overlong buffer: tokens if >= 1, fraction of max_len if < 1; 0: off
+    overlong_penalty_factor: float = 1.0  # penalty at (and beyond) max_len
+    length_reward: str = "none"  # none | cosine (replaces the raw reward, Yeo et al. 2025)
+    cosine_correct: list[float] = field(default_factory=lambda: [2.0, 1.0])  # reward at length 0, at max_len
+    cosine_wrong: list[float] = field(default_factory=lambda: [-10.0, 0.0])
+    cosine_exceed: float = -10.0  # reward of truncated responses
+    cosine_correct_max: float | None = None  # cap on correct rewards (clips the short-answer bonus, Light-R1)
+    mask_truncated: bool = False  # drop responses with finish == "length" from the loss
+    # --- dynamic sampling (DAPO): resample until the batch holds enough non-uniform groups
+    dynamic_sampling: bool = False
+    dynamic_max_rounds: int = 3  # generation rounds per step, the first included
+
+    def validate(self) -> "AlgoConfig":
+        """Checks the fields the generic validator does not know. Raises ConfigError naming the key."""
+        from thinkrl.config import ConfigError
+
+        def need(cond: bool, key: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"algo.{key}: {msg}, got {getattr(self, key)!r}")
+
+        need(self.tis_level in ("none", "token", "sequence"), "tis_level", "must be none, token or sequence")
+        need(self.tis_cap > 0, "tis_cap", "must be > 0")
+        need(self.behav_weight_cap == 0 or self.behav_weight_cap > 1, "behav_weight_cap", "must be 0 (off) or > 1")
+        need(not (self.loss == "decoupled_ppo" and self.tis_level != "none"), "tis_level",
+             "must be none with algo.loss=decoupled_ppo (its behaviour weight already corrects the mismatch)")
+        need(self.length_reward in ("none", "cosine"), "length_reward", "must be none or cosine")
+        need(len(self.cosine_correct) == 2, "cosine_correct", "must be [reward at length 0, reward at max_len]")
+        need(len(self.cosine_wrong) == 2, "cosine_wrong", "must be [reward at length 0, reward at max_len]")
+        need(self.overlong_buffer >= 0, "overlong_buffer", "must be >= 0")
+        need(self.overlong_penalty_factor >= 0, "overlong_penalty_factor", "must be >= 0")
+        need(self.max_len_norm >= 0, "max_len_norm", "must be >= 0 (0: the batch's max response length)")
+        need(self.reward_scale != 0, "reward_scale", "must not be 0")
+        need(self.entropy_coef >= 0, "entropy_coef", "must be >= 0")
+        need(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
+        need(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
+        need(self.dynamic_max_rounds >= 1, "dynamic_max_rounds", "must be >= 1")
+        return self

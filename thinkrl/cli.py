@@ -1,0 +1,169 @@
+"""thinkrl quickstart | train | sft | eval | bench | simulate | puzzles | filter | serve"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+COMMANDS = {
+    "quickstart": "build the micro model, SFT it on an imperfect teacher, RL it, compare (CPU, minutes)",
+    "train": "RL training from a config (sync or async)",
+    "sft": "supervised fine-tuning on a task's demonstrations",
+    "eval": "accuracy of a checkpoint on the held-out split (greedy pass@1, mean@k)",
+    "bench": "benchmarks (generate, train, rl-step, async); --json for machine-readable output",
+    "simulate": "discrete-event model of sync vs async RL throughput",
+    "puzzles": "generate task data (temporal-clue puzzles with CP-SAT)",
+    "filter": "offline difficulty filter by pass rate (Light-R1)",
+    "serve": "HTTP inference server (SGLang-compatible native API + OpenAI subset)",
+}
+
+
+class CLIError(Exception):
+    pass
+
+
+def _config_parser(name: str, help: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"thinkrl {name}", description=help)
+    p.add_argument("--config", "-c", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algo.lr=1e-5 rollout.n=8")
+    return p
+
+
+def _load(args):
+    from thinkrl.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_quickstart(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="thinkrl quickstart", description=COMMANDS["quickstart"])
+    p.add_argument("--output", "-o", default="runs/quickstart", help="run directory (default: runs/quickstart)")
+    p.add_argument("--control", action="store_true", help="also run more SFT for the RL phase's wall time (matched compute)")
+    p.add_argument("--config", "-c", help="config to start from (default: the packaged quickstart.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.seed=1 train.steps=50")
+    a = p.parse_args(argv)
+    from thinkrl.quickstart import quickstart
+
+    quickstart(output=a.output, control=a.control, overrides=a.overrides, config=a.config)
+    return 0
+
+
+def cmd_train(argv: list[str]) -> int:
+    p = _config_parser("train", COMMANDS["train"])
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run.output_dir")
+    a = p.parse_args(argv)
+    cfg = _load(a)
+    from thinkrl.system.train import train_rl
+
+    res = train_rl(cfg, resume=a.resume)
+    print(json.dumps(res))
+    return 0
+
+
+def cmd_sft(argv: list[str]) -> int:
+    a = _config_parser("sft", COMMANDS["sft"]).parse_args(argv)
+    cfg = _load(a)
+    from thinkrl.system.rundir import RunDir
+    from thinkrl.system.setup import build_run
+    from thinkrl.system.train import train_sft
+
+    run = build_run(cfg)
+    rundir = RunDir(cfg.run.output_dir)
+    trainer, steps = train_sft(cfg, run=run, rundir=rundir)
+    path = rundir.save_checkpoint(steps, run.model, run.tokenizer, trainer)
+    print(f"saved {path}")
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    p = _config_parser("eval", COMMANDS["eval"])
+    p.add_argument("--model", "-m", required=True, help="checkpoint / Hugging Face model directory")
+    a = p.parse_args(argv)
+    cfg = _load(a)
+    from thinkrl.system.setup import build_run, make_inference_engine
+    from thinkrl.system.train import run_eval
+
+    run = build_run(cfg, model_dir=a.model)
+    res = run_eval(cfg, make_inference_engine(cfg, run.model, run.tokenizer), run)
+    print(json.dumps(res))
+    return 0
+
+
+def cmd_bench(argv: list[str]) -> int:
+    from thinkrl.bench import registered_benches
+
+    benches = registered_benches()
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: thinkrl bench NAME [--json] [args]\n\nbenchmarks:")
+        for name, fn in sorted(benches.items()):
+            print(f"  {name:<10} {getattr(fn, 'help', '')}")
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in benches:
+        raise CLIError(f"unknown benchmark {name!r}; valid: {', '.join(sorted(benches))}")
+    as_json = "--json" in rest
+    rest = [x for x in rest if x != "--json"]
+    res = benches[name](rest)
+    if as_json:
+        print(json.dumps(res))
+    return 0
+
+
+def _delegate(module: str, attr: str = "main"):
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            raise CLIError(f"this command is not available: {e}") from None
+        return int(getattr(mod, attr)(argv) or 0)
+
+    return run
+
+
+HANDLERS = {
+    "quickstart": cmd_quickstart,
+    "train": cmd_train,
+    "sft": cmd_sft,
+    "eval": cmd_eval,
+    "bench": cmd_bench,
+    "simulate": _delegate("thinkrl.system.simulate"),
+    "puzzles": _delegate("thinkrl.tasks.puzzles"),
+    "filter": _delegate("thinkrl.data.filter"),
+    "serve": _delegate("thinkrl.rollout.server"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: thinkrl COMMAND [args]\n\ncommands:")
+        for k, v in COMMANDS.items():
+            print(f"  {k:<11} {v}")
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in HANDLERS:
+        import difflib
+
+        close = difflib.get_close_matches(cmd, list(HANDLERS), n=1)
+        print(f"thinkrl: error: unknown command {cmd!r}" + (f" (did you mean {close[0]!r}?)" if close else ""), file=sys.stderr)
+        return 2
+    from thinkrl.config import ConfigError
+
+    try:
+        return HANDLERS[cmd](rest)
+    except (ConfigError, CLIError, ValueError, FileNotFoundError, KeyError) as e:
+        if os.environ.get("THINKRL_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"thinkrl {cmd}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"thinkrl {cmd}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""`thinkrl quickstart`: the whole loop on a laptop CPU, with an honest control.
+
+micro model -> SFT on an imperfect teacher's demonstrations -> eval -> RL (GRPO) -> eval
+[--control: from the same SFT checkpoint, more SFT for the RL phase's wall time -> eval]
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+from thinkrl.config import load_config
+from thinkrl.system.rundir import RunDir
+from thinkrl.system.setup import build_run, make_inference_engine
+from thinkrl.system.train import run_eval, train_rl, train_sft
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart.yaml"
+
+
+def quickstart(output: str = "runs/quickstart", control: bool = False, overrides: list[str] | None = None,
+               config: str | None = None, echo=print) -> dict:
+    cfg = load_config(config or DEFAULT_CONFIG, list(overrides or []))
+    out = Path(output)
+    cfg.run.output_dir = str(out)
+    t_start = time.perf_counter()
+    run = build_run(cfg)
+    teacher = run.task.teacher_accuracy(run.eval_samples) if hasattr(run.task, "teacher_accuracy") else float("nan")
+    echo(f"thinkrl quickstart: task={cfg.task.name} model={cfg.model.path} "
+         f"({sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M params) device={run.device} -> {out}")
+    echo(f"  teacher accuracy on {len(run.eval_samples)} held-out problems: {teacher:.3f}")
+
+    # 1. SFT on the teacher's demonstrations
+    t0 = time.perf_counter()
+    sft_dir = RunDir(out / "sft")
+    sft_trainer, _ = train_sft(cfg, run=run, rundir=sft_dir)
+    engine = make_inference_engine(cfg, run.model, run.tokenizer)
+    sft_eval = run_eval(cfg, engine, run, k=0)
+    sft_dir.save_checkpoint(cfg.train.sft_steps, run.model, run.tokenizer, sft_trainer)
+    sft_seconds = time.perf_counter() - t0
+    echo(f"  SFT: {cfg.train.sft_steps} steps, {sft_seconds:.0f}s, greedy accuracy {sft_eval['acc/greedy']:.3f}")
+    sft_state = copy.deepcopy(run.model.state_dict()) if control else None
+    sft_opt = copy.deepcopy(sft_trainer.state_dict()) if control else None
+
+    # 2. RL from the SFT model
+    t1 = time.perf_counter()
+    rl_eval = train_rl(cfg, run=run, rundir=RunDir(out / "rl"))
+    rl_seconds = time.perf_counter() - t1
+    echo(f"  RL: {rl_eval['steps']} steps, {rl_seconds:.0f}s, greedy accuracy {rl_eval['acc/greedy']:.3f}")
+    wall = time.perf_counter() - t_start
+
+    summary = {
+        "task": cfg.task.name,
+        "teacher_accuracy": teacher,
+        "sft_accuracy": sft_eval["acc/greedy"],
+        "rl_accuracy": rl_eval["acc/greedy"],
+        "rl_eval": rl_eval,
+        "eval_problems": len(run.eval_samples),
+        "sft_steps": cfg.train.sft_steps,
+        "steps": rl_eval["steps"],
+        "sft_seconds": sft_seconds,
+        "rl_seconds": rl_seconds,
+        "wall_seconds": wall,
+        "seed": cfg.run.seed,
+    }
+
+    # 3. the matched-compute control: more SFT from the same checkpoint for the RL phase's wall time
+    if control:
+        t2 = time.perf_counter()
+        run.model.load_state_dict(sft_state)
+        sft_trainer.load_state_dict(sft_opt)
+        _, more = train_sft(cfg, run=run, rundir=RunDir(out / "sft_more"), time_budget=rl_seconds,
+                            trainer=sft_trainer, start_step=cfg.train.sft_steps)
+        engine = make_inference_engine(cfg, run.model, run.tokenizer)
+        more_eval = run_eval(cfg, engine, run, k=0)
+        summary.update(sft_more_accuracy=more_eval["acc/greedy"], sft_more_steps=more,
+                       sft_more_seconds=time.perf_counter() - t2)
+        echo(f"  SFT-more (control): {more} extra steps in {rl_seconds:.0f}s, greedy accuracy {more_eval['acc/greedy']:.3f}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    echo("")
+    echo(format_table(summary))
+    echo(f"\nsummary: {out / 'summary.json'}   RL metrics: {out / 'rl' / 'metrics.jsonl'}")
+    return summary
+
+
+def format_table(s: dict) -> str:
+    rows = [("teacher (demonstrations)", s["teacher_accuracy"], None),
+            ("SFT on the teacher", s["sft_accuracy"], s["sft_seconds"] / 60)]
+    if "sft_more_accuracy" in s:
+        rows.append(("SFT, more (control)", s["sft_more_accuracy"], s["sft_more_seconds"] / 60))
+    rows.append(("SFT -> RL (GRPO)", s["rl_accuracy"], s["rl_seconds"] / 60))
+    lines = [f"{'model':<26} {'accuracy':>9} {'minutes':>8}", "-" * 45]
+    for name, acc, mins in rows:
+        lines.append(f"{name:<26} {acc:>9.3f} {'' if mins is None else f'{mins:.1f}':>8}")
+    lines.append(f"(greedy pass@1 on {s['eval_problems']} held-out problems; total {s['wall_seconds'] / 60:.1f} min)")
+    return "\n".join(lines)

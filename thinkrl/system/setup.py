@@ -1,0 +1,82 @@
+"""Building the pieces of a run from a Config: model, tokenizer, task, data, engines, workflow."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from thinkrl.data import load_task_data
+from thinkrl.device import resolve_device, set_threads
+from thinkrl.models.loading import load_checkpoint, load_policy
+from thinkrl.rollout.workflow import SingleTurnWorkflow
+from thinkrl.tasks import make_task
+from thinkrl.types import SamplingParams
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_inference_engine(cfg, model, tokenizer, version: int = 0):
+    """The rollout engine named by cfg.rollout.engine (the embedded engine by default)."""
+    name = cfg.rollout.engine
+    if name == "embedded":
+        try:
+            from thinkrl.rollout.engine import EmbeddedEngine
+        except ImportError:  # the fast engine is optional during development; HF generate is exact
+            name = "hf"
+        else:
+            return EmbeddedEngine(model, tokenizer=tokenizer, version=version)
+    if name == "hf":
+        from thinkrl.rollout.hf import HFEngine
+
+        return HFEngine(model, tokenizer, version=version)
+    if name == "remote":
+        from thinkrl.rollout.remote import RemoteEngine
+
+        return RemoteEngine.from_config(cfg.rollout, tokenizer=tokenizer)
+    raise ValueError(f"rollout.engine: unknown value {name!r}; valid: embedded, hf, remote")
+
+
+def sampling_params(cfg, tokenizer) -> SamplingParams:
+    r = cfg.rollout
+    return SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                          stop_token_ids=[tokenizer.eos_token_id])
+
+
+@dataclass
+class Run:
+    cfg: object
+    device: torch.device
+    model: object
+    tokenizer: object
+    task: object
+    train_samples: list
+    eval_samples: list
+
+
+def build_run(cfg, model_dir: str | None = None) -> Run:
+    seed_everything(cfg.run.seed)
+    set_threads(cfg.run.threads)
+    device = resolve_device(cfg.run.device)
+    task = make_task(cfg.task.name, cfg.task.params, cfg.task.system_prompt)
+    src = model_dir or cfg.run.init_from
+    if src:
+        model, tok = load_checkpoint(src, device=device, dtype=cfg.model.dtype)
+    else:
+        model, tok = load_policy(cfg.model, device=device, seed=cfg.run.seed)
+    train, ev = load_task_data(cfg, task)
+    return Run(cfg, device, model, tok, task, train, ev)
+
+
+def make_workflow(cfg, run: Run, scorer=None) -> SingleTurnWorkflow:
+    return SingleTurnWorkflow(run.task, run.tokenizer, sampling_params(cfg, run.tokenizer), cfg.rollout.n, scorer=scorer)
+
+
+def output_dir(cfg, override: str | None = None) -> Path:
+    return Path(override or cfg.run.output_dir)

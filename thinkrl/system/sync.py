@@ -1,0 +1,59 @@
+"""The synchronous RL controller: generate a batch, reward, advantages, train, update weights, repeat.
+
+This is the baseline (and η = 0 of the async controller). One step:
+
+    samples  = batch_for_step(...)                       # deterministic in (seed, step): exact resume
+    trajs    = collect(engine, workflow, samples)        # n answers per prompt, rewarded
+    batch    = make_batch(trajs, cfg.algo, ...)          # reward shaping + advantages
+    metrics  = trainer.step(batch)                       # PPO-family loss, one optimizer step
+    engine.update_weights(trainer.export_weights(), trainer.version)
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from thinkrl.algo.batch import make_batch
+from thinkrl.data import batch_for_step
+from thinkrl.rollout.workflow import collect
+
+
+def rl_step(step: int, cfg, engine, workflow, trainer, train_samples) -> dict:
+    t0 = time.perf_counter()
+    samples = batch_for_step(train_samples, step, cfg.rollout.batch_prompts, cfg.run.seed, cfg.data.shuffle)
+    trajs = collect(engine, workflow, samples, group_prefix=f"{step}:")
+    t_gen = time.perf_counter() - t0
+    batch = make_batch(trajs, cfg.algo, cfg.rollout.max_new_tokens)
+    old = trainer.logprobs(batch.trajectories) if (cfg.algo.ppo_epochs > 1 or cfg.algo.loss == "decoupled_ppo" or cfg.algo.tis_level != "none") else None
+    m = dict(batch.metrics)
+    m.update(trainer.step(batch, old_logprobs=old))
+    t1 = time.perf_counter()
+    engine.update_weights(trainer.export_weights(), trainer.version)
+    t_sync = time.perf_counter() - t1
+    gen_tokens = sum(t.num_response_tokens for t in trajs)
+    dt = time.perf_counter() - t0
+    m.update({
+        "perf/gen_seconds": t_gen,
+        "perf/sync_seconds": t_sync,
+        "perf/step_seconds": dt,
+        "perf/gen_tokens_per_s": gen_tokens / max(t_gen, 1e-9),
+        "perf/tokens_per_s": (m.get("perf/train_tokens", 0.0)) / max(dt, 1e-9),
+        "staleness/mean": 0.0,
+        "staleness/max": 0.0,
+    })
+    return m
+
+
+def run_sync(cfg, engine, workflow, trainer, train_samples, start_step: int, end_step: int,
+             on_step: Callable[[int, dict], None] | None = None, time_budget: float | None = None) -> int:
+    """Steps [start_step, end_step) (or until time_budget seconds). Returns the last finished step."""
+    t0 = time.perf_counter()
+    step = start_step
+    while step < end_step:
+        m = rl_step(step, cfg, engine, workflow, trainer, train_samples)
+        step += 1
+        if on_step:
+            on_step(step, m)
+        if time_budget is not None and time.perf_counter() - t0 >= time_budget:
+            break
+    return step

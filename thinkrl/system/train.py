@@ -1,0 +1,95 @@
+"""`thinkrl train` and `thinkrl sft`: full runs with a run directory, metrics, checkpoints and resume."""
+from __future__ import annotations
+
+import json
+import time
+
+from tqdm.auto import tqdm
+
+from thinkrl.eval.evaluate import evaluate
+from thinkrl.system.rundir import RunDir, load_trainer_state, load_weights_into
+from thinkrl.system.setup import build_run, make_inference_engine, make_workflow
+from thinkrl.system.sync import run_sync
+from thinkrl.train.engine import TrainEngine
+from thinkrl.train.sft import build_sft_examples, run_sft
+
+LOG_KEYS = ["step", "reward/mean", "acc/mean", "group/all_correct_frac", "group/all_wrong_frac", "len/response_mean",
+            "loss/policy", "clip/frac", "grad/norm", "perf/tokens_per_s", "perf/step_seconds"]
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True)
+
+
+def eval_max_tokens(cfg) -> int:
+    return cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
+
+
+def run_eval(cfg, engine, run, k: int | None = None) -> dict:
+    return evaluate(engine, run.tokenizer, run.task, run.eval_samples, eval_max_tokens(cfg),
+                    k=cfg.eval.k if k is None else k, temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size)
+
+
+def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, time_budget: float | None = None) -> dict:
+    """RL from cfg (model from cfg.run.init_from or cfg.model). Returns the final eval metrics."""
+    rundir = rundir or RunDir(cfg.run.output_dir)
+    cfg.save(rundir.path / "config.yaml")
+    run = run or build_run(cfg)
+    trainer = TrainEngine(run.model, cfg.train, cfg.algo, autocast_bf16=cfg.model.autocast_bf16)
+    start = 0
+    if resume:
+        ckpt = rundir.last_checkpoint()
+        if ckpt is None:
+            raise ValueError(f"--resume: no checkpoint in {rundir.ckpt_root}")
+        load_weights_into(run.model, ckpt)
+        state = load_trainer_state(ckpt, trainer)
+        start = state["step"]
+        rundir.truncate_metrics(start)
+    engine = make_inference_engine(cfg, run.model, run.tokenizer, version=trainer.version)
+    workflow = make_workflow(cfg, run)
+    bar = _progress(cfg.train.steps, start, "rl", cfg.log.progress)
+    t0 = time.perf_counter()
+
+    def on_step(step: int, m: dict) -> None:
+        m = {"step": step, "time": time.perf_counter() - t0, **m}
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+            m.update({f"eval/{k}": v for k, v in run_eval(cfg, engine, run, k=0).items()})
+        rundir.log(m)
+        bar.set_postfix(reward=f"{m['reward/mean']:.3f}", acc=f"{m['acc/mean']:.3f}", refresh=False)
+        bar.update(1)
+        if cfg.train.save_every and step % cfg.train.save_every == 0:
+            rundir.save_checkpoint(step, run.model, run.tokenizer, trainer)
+
+    last = run_sync(cfg, engine, workflow, trainer, run.train_samples, start, cfg.train.steps, on_step, time_budget)
+    bar.close()
+    rundir.save_checkpoint(last, run.model, run.tokenizer, trainer)
+    final = run_eval(cfg, engine, run)
+    final["steps"] = last
+    (rundir.path / "eval.json").write_text(json.dumps(final, indent=2))
+    return final
+
+
+def train_sft(cfg, run=None, rundir: RunDir | None = None, steps: int | None = None,
+              time_budget: float | None = None, trainer: TrainEngine | None = None, start_step: int = 0) -> tuple[TrainEngine, int]:
+    """SFT on the task's demonstrations. Returns (trainer, steps done)."""
+    rundir = rundir or RunDir(cfg.run.output_dir)
+    cfg.save(rundir.path / "config.yaml")
+    run = run or build_run(cfg)
+    total = steps if steps is not None else cfg.train.sft_steps
+    if trainer is None:
+        trainer = TrainEngine(run.model, cfg.train, cfg.algo, lr=cfg.train.sft_lr, total_steps=total,
+                              autocast_bf16=cfg.model.autocast_bf16)
+    examples = build_sft_examples(run.tokenizer, run.task, run.train_samples, seed=cfg.run.seed)
+    bar = _progress(None if time_budget else total, 0, "sft", cfg.log.progress)
+
+    def on_step(step: int, m: dict) -> None:
+        if step % 10 == 0:
+            rundir.log({"step": step, "phase": "sft", **m})
+        bar.set_postfix(loss=f"{m['loss/sft']:.3f}", refresh=False)
+        bar.update(1)
+
+    end = start_step + total if time_budget is None else 10**9
+    done = run_sft(trainer, examples, end, cfg.train.sft_batch_size, seed=cfg.run.seed + start_step,
+                   start_step=start_step, time_budget=time_budget, on_step=on_step)
+    bar.close()
+    return trainer, done

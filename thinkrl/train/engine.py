@@ -1,0 +1,175 @@
+"""The trainer: owns the model, the optimizer and the schedule; turns a Batch into one update.
+
+    engine = TrainEngine(model, tcfg, acfg)
+    old = engine.logprobs(trajs)             # no-grad recompute (proximal / old policy)
+    metrics = engine.step(batch)             # PPO-family loss over micro-batches, one optimizer step
+    engine.export_weights()                  # state dict for the inference engine
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+
+import torch
+
+from thinkrl.algo import get_loss
+from thinkrl.algo.losses import LossInput, reduce_metrics
+from thinkrl.types import Batch, Trajectory
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant" or total <= warmup:
+            return 1.0
+        frac = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * frac)) if schedule == "cosine" else 1.0 - frac
+
+    return f
+
+
+def split_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Greedy consecutive split of sequence indices so each group's tokens fit the budget."""
+    groups, cur, used = [], [], 0
+    for i, n in enumerate(lengths):
+        if n > max_tokens:
+            raise ValueError(f"a sequence of {n} tokens exceeds train.max_tokens_per_mb={max_tokens}")
+        if cur and used + n > max_tokens:
+            groups.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += n
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+class TrainEngine:
+    def __init__(self, model, tcfg, acfg, lr: float | None = None, total_steps: int | None = None, autocast_bf16: bool = False):
+        self.model, self.tcfg, self.acfg = model, tcfg, acfg
+        self.device = next(model.parameters()).device
+        self.version = 0
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=lr if lr is not None else acfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay,
+            fused=self.device.type == "cuda",
+        )
+        total = total_steps if total_steps is not None else tcfg.steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(tcfg.lr_schedule, tcfg.warmup_steps, total))
+        self.autocast = autocast_bf16 and (self.device.type in ("cuda", "cpu"))
+
+    # ------------------------------------------------------------------ forward
+    def _amp(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
+
+    def forward_logprobs(self, seqs: list[list[int]], with_entropy: bool = False):
+        """Per-sequence tensors: logp[t] = log p(tokens[t] | tokens[:t]) (logp[0] = 0)."""
+        n = max(len(s) for s in seqs)
+        ids = torch.zeros((len(seqs), n), dtype=torch.long)
+        att = torch.zeros((len(seqs), n), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            att[i, : len(s)] = 1
+        ids, att = ids.to(self.device), att.to(self.device)
+        with self._amp():
+            logits = self.model(input_ids=ids, attention_mask=att, use_cache=False).logits
+        logits = logits[:, :-1].float()
+        lse = torch.logsumexp(logits, dim=-1)
+        tgt = logits.gather(-1, ids[:, 1:, None])[..., 0] - lse
+        logp = torch.cat([torch.zeros_like(tgt[:, :1]), tgt], dim=1)
+        ent = None
+        if with_entropy:
+            p = torch.softmax(logits, dim=-1)
+            e = lse - (p * logits).sum(-1)
+            ent = torch.cat([torch.zeros_like(e[:, :1]), e], dim=1)
+        out = [logp[i, : len(s)] for i, s in enumerate(seqs)]
+        ents = [ent[i, : len(s)] for i, s in enumerate(seqs)] if with_entropy else None
+        return out, ents
+
+    @torch.no_grad()
+    def logprobs(self, trajs: list[Trajectory]) -> list[list[float]]:
+        seqs = [t.tokens for t in trajs]
+        res: list[list[float]] = [None] * len(seqs)  # type: ignore
+        for group in split_by_tokens([len(s) for s in seqs], self.tcfg.max_tokens_per_mb):
+            lps, _ = self.forward_logprobs([seqs[i] for i in group])
+            for i, lp in zip(group, lps):
+                res[i] = lp.tolist()
+        return res
+
+    # ------------------------------------------------------------------ RL step
+    def step(self, batch: Batch, old_logprobs: list[list[float]] | None = None) -> dict[str, float]:
+        """One optimizer step on the batch (ppo_epochs passes of micro-batches if > 1)."""
+        t0 = time.perf_counter()
+        trajs = batch.trajectories
+        loss_fn = get_loss(self.acfg.loss)
+        old = old_logprobs if old_logprobs is not None else [t.logprobs for t in trajs]
+        num_tokens = float(sum(t.num_response_tokens for t in trajs))
+        num_seqs = float(len(trajs))
+        max_len = max((t.num_response_tokens for t in trajs), default=1)
+        groups = split_by_tokens([len(t.tokens) for t in trajs], self.tcfg.max_tokens_per_mb)
+        self.model.train()
+        for _ in range(self.acfg.ppo_epochs):
+            self.optimizer.zero_grad(set_to_none=True)
+            per_mb = []
+            for group in groups:
+                need_ent = True
+                lps, ents = self.forward_logprobs([trajs[i].tokens for i in group], with_entropy=need_ent)
+                cat = lambda xs: torch.cat([torch.as_tensor(x, dtype=torch.float32) for x in xs]).to(self.device)  # noqa: E731
+                inp = LossInput(
+                    logp=torch.cat(lps),
+                    old_logp=cat([old[i] for i in group]),
+                    advantages=cat([batch.advantages[i] for i in group]),
+                    mask=cat([[float(m) for m in trajs[i].loss_mask] for i in group]),
+                    seq_ids=torch.cat([torch.full((len(trajs[i].tokens),), i, dtype=torch.long) for i in group]).to(self.device),
+                    num_tokens=num_tokens,
+                    num_seqs=num_seqs,
+                    behav_logp=cat([trajs[i].logprobs for i in group]),
+                    entropy=torch.cat(ents) if self.acfg.entropy_coef > 0 else torch.cat(ents).detach(),
+                    max_len=float(max_len),
+                )
+                loss, m = loss_fn(inp, self.acfg)
+                loss.backward()
+                per_mb.append(m)
+            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip or float("inf"))
+            self.optimizer.step()
+            self.scheduler.step()
+        self.version += 1
+        out = reduce_metrics(per_mb)  # metrics of the last epoch
+        out["grad/norm"] = float(gnorm)
+        out["lr"] = self.scheduler.get_last_lr()[0]
+        out["perf/train_seconds"] = time.perf_counter() - t0
+        out["perf/train_tokens"] = float(sum(len(t.tokens) for t in trajs))
+        return out
+
+    # ------------------------------------------------------------------ SFT step
+    def sft_step(self, examples: list[tuple[list[int], list[bool]]]) -> dict[str, float]:
+        """Cross-entropy on masked (assistant) tokens, averaged over all masked tokens of the batch."""
+        num_tokens = float(sum(sum(m) for _, m in examples))
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for group in split_by_tokens([len(x) for x, _ in examples], self.tcfg.max_tokens_per_mb):
+            lps, _ = self.forward_logprobs([examples[i][0] for i in group])
+            mask = torch.cat([torch.tensor(examples[i][1], dtype=torch.float32) for i in group]).to(self.device)
+            loss = -(torch.cat(lps) * mask).sum() / max(num_tokens, 1.0)
+            loss.backward()
+            total += float(loss.detach())
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.version += 1
+        return {"loss/sft": total, "grad/norm": float(gnorm), "lr": self.scheduler.get_last_lr()[0]}
+
+    # ------------------------------------------------------------------ weights & state
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.model.state_dict().items()}
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "version": self.version}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.version = state["version"]
