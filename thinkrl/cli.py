@@ -42,7 +42,7 @@ def cmd_quickstart(argv: list[str]) -> int:
     p.add_argument("--control", action="store_true", help="also run more SFT for the RL phase's wall time (matched compute)")
     p.add_argument("--config", "-c", help="config to start from (default: the packaged quickstart.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.seed=1 train.steps=50")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     from thinkrl.quickstart import quickstart
 
     quickstart(output=a.output, control=a.control, overrides=a.overrides, config=a.config)
@@ -52,7 +52,7 @@ def cmd_quickstart(argv: list[str]) -> int:
 def cmd_train(argv: list[str]) -> int:
     p = _config_parser("train", COMMANDS["train"])
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run.output_dir")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     cfg = _load(a)
     from thinkrl.system.train import train_rl
 
@@ -62,7 +62,7 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_sft(argv: list[str]) -> int:
-    a = _config_parser("sft", COMMANDS["sft"]).parse_args(argv)
+    a = _config_parser("sft", COMMANDS["sft"]).parse_intermixed_args(argv)
     cfg = _load(a)
     from thinkrl.system.rundir import RunDir
     from thinkrl.system.setup import build_run
@@ -79,7 +79,7 @@ def cmd_sft(argv: list[str]) -> int:
 def cmd_eval(argv: list[str]) -> int:
     p = _config_parser("eval", COMMANDS["eval"])
     p.add_argument("--model", "-m", required=True, help="checkpoint / Hugging Face model directory")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     cfg = _load(a)
     from thinkrl.system.setup import build_run, make_inference_engine
     from thinkrl.system.train import run_eval
