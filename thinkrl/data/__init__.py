@@ -10,13 +10,9 @@ def load_task_data(cfg, task) -> tuple[list[Sample], list[Sample]]:
     """(train, eval) samples per the config: files with a field mapping, or the task's generator."""
     d = cfg.data
     if d.train_path:
-        from thinkrl.data.datasets import load_samples, split_samples
+        from thinkrl.data.datasets import load_splits
 
-        train = load_samples(d.train_path, d.prompt_field, d.answer_field, d.id_field)
-        if d.eval_path:
-            ev = load_samples(d.eval_path, d.prompt_field, d.answer_field, d.id_field)
-        else:
-            train, ev = split_samples(train, d.eval_fraction, cfg.run.seed)
+        train, ev = load_splits(d, task, cfg.run.seed)
         return train, ev[: d.num_eval]
     if not task.can_generate:
         raise ValueError(f"task {task.name!r} has no generator: set data.train_path")
