@@ -76,7 +76,12 @@ class RolloutConfig:
     max_staleness: int = 0  # async staleness bound eta
     servers: list[str] = field(default_factory=list)  # remote engine: base URLs
     server_api: str = "sglang"  # sglang | openai
-    max_concurrency: int = 64  # remote engine: requests in flight per server
+    max_concurrency: int = 64  # remote engine: sequences in flight per server
+    request_timeout: float = 3600.0  # remote engine: seconds per HTTP request
+    max_retries: int = 3  # remote engine: retries per request (exponential backoff)
+    pause_mode: str = "abort"  # remote engine: how servers pause for a weight update (abort | wait)
+    weights_dir: str = ""  # remote engine: shared directory the weights are written to for /update_weights_from_disk
+    server_api_key: str = ""  # remote engine: API key (or env THINKRL_SERVER_API_KEY)
 
 
 @dataclass
@@ -278,6 +283,9 @@ def validate(cfg: Config) -> Config:
     need(cfg.rollout.max_staleness >= 0, "rollout.max_staleness", "must be >= 0")
     one_of("rollout.mode", ["sync", "async"])
     one_of("rollout.server_api", ["sglang", "openai"])
+    one_of("rollout.engine", ["embedded", "hf", "remote"])
+    one_of("rollout.pause_mode", ["abort", "wait"])
+    need(cfg.rollout.engine != "remote" or bool(cfg.rollout.servers), "rollout.servers", "must list at least one server URL with rollout.engine=remote")
     need(cfg.algo.lr > 0, "algo.lr", "must be > 0")
     need(cfg.algo.clip_low >= 0, "algo.clip_low", "must be >= 0")
     need(cfg.algo.clip_high >= 0, "algo.clip_high", "must be >= 0")

@@ -1,6 +1,7 @@
 """Data: loading datasets (files, local HF datasets) or a task's generator; chat encoding."""
 from __future__ import annotations
 
+import functools
 import random
 
 from thinkrl.types import Sample
@@ -26,11 +27,18 @@ def load_task_data(cfg, task) -> tuple[list[Sample], list[Sample]]:
 def batch_for_step(samples: list[Sample], step: int, batch_size: int, seed: int, shuffle: bool = True) -> list[Sample]:
     """The prompts of RL step `step`: a deterministic function of (seed, step), so resume is exact."""
     n = len(samples)
+    if n == 0:
+        raise ValueError("no training samples")
     out = []
     for j in range(step * batch_size, (step + 1) * batch_size):
         epoch, pos = divmod(j, n)
-        order = list(range(n))
-        if shuffle:
-            random.Random(f"{seed}-{epoch}").shuffle(order)
-        out.append(samples[order[pos]])
+        out.append(samples[_epoch_order(n, seed, epoch, shuffle)[pos]])
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> tuple[int, ...]:
+    order = list(range(n))
+    if shuffle:
+        random.Random(f"{seed}-{epoch}").shuffle(order)
+    return tuple(order)

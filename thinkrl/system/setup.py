@@ -39,7 +39,7 @@ def make_inference_engine(cfg, model, tokenizer, version: int = 0):
     if name == "remote":
         from thinkrl.rollout.remote import RemoteEngine
 
-        return RemoteEngine.from_config(cfg.rollout, tokenizer=tokenizer)
+        return RemoteEngine.from_config(cfg.rollout, tokenizer=tokenizer, version=version)
     raise ValueError(f"rollout.engine: unknown value {name!r}; valid: embedded, hf, remote")
 
 

@@ -1,0 +1,308 @@
+"""thinkrl serve over real HTTP on 127.0.0.1: SGLang native API, OpenAI subset, errors, overload, auth, weights."""
+import http.client
+import json
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+from thinkrl.models.micro import build_micro_model, build_tokenizer
+from thinkrl.rollout.hf import HFEngine
+from thinkrl.rollout.server import Server
+
+try:
+    from thinkrl.rollout.engine import EmbeddedEngine
+except ImportError:  # the fast engine is optional
+    EmbeddedEngine = None
+
+TOK = build_tokenizer()
+PROMPT = TOK.apply_chat_template([{"role": "user", "content": "1+2"}], add_generation_prompt=True, tokenize=True,
+                                 return_dict=True)["input_ids"]
+
+
+def micro(seed=0, hidden=32):
+    return build_micro_model(TOK, hidden_size=hidden, num_layers=2, num_heads=2, num_kv_heads=1,
+                             intermediate_size=64, max_position=64, seed=seed).eval()
+
+
+def make_engine(kind, model):
+    if kind == "embedded":
+        if EmbeddedEngine is None:
+            pytest.skip("thinkrl.rollout.engine is not available")
+        return EmbeddedEngine(model, tokenizer=TOK, max_seqs=8)
+    return HFEngine(model, TOK)
+
+
+def forward_logprobs(model, prompt, tokens):
+    """Hand reference: teacher-forced log-probs (and the greedy choice) of `tokens` after `prompt`."""
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([prompt + tokens])).logits[0].float(), -1)
+    rows = lp[len(prompt) - 1: len(prompt) - 1 + len(tokens)]
+    return [rows[i, t].item() for i, t in enumerate(tokens)], rows.argmax(-1).tolist()
+
+
+def call(port, path, body=None, method="POST", headers=None, raw=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    r = conn.getresponse()
+    text = r.read()
+    conn.close()
+    try:
+        return r.status, json.loads(text) if text else None
+    except ValueError:
+        return r.status, text.decode()
+
+
+def shutdown(server):
+    server.stop()
+    if hasattr(server.engine, "close"):  # the embedded engine's worker thread
+        server.engine.close()
+
+
+def gen_body(max_new=8, **sp):
+    return {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": max_new, "temperature": 0, **sp},
+            "return_logprob": True}
+
+
+@pytest.fixture(scope="module", params=["hf", "embedded"])
+def served(request):
+    model = micro()
+    server = Server(make_engine(request.param, model), TOK, model=model, model_dir="ckpt/micro", port=0,
+                    max_body=64 * 1024)
+    port = server.start()
+    yield server, port, model
+    shutdown(server)
+
+
+def wait_for(cond, timeout=10.0):
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.005)
+
+
+def test_generate_greedy_logprobs_match_forward(served):
+    server, port, model = served
+    status, out = call(port, "/generate", gen_body(8))
+    assert status == 200
+    meta = out["meta_info"]
+    toks = out["output_ids"]
+    assert 1 <= len(toks) <= 8 and meta["completion_tokens"] == len(toks) and meta["prompt_tokens"] == len(PROMPT)
+    assert meta["finish_reason"]["type"] == ("length" if len(toks) == 8 else "stop")
+    assert [e[1] for e in meta["output_token_logprobs"]] == toks
+    ref, greedy = forward_logprobs(model, PROMPT, toks)
+    assert greedy == toks
+    assert [e[0] for e in meta["output_token_logprobs"]] == pytest.approx(ref, abs=1e-4)
+    assert meta["output_token_versions"] == [0] * len(toks) and meta["weight_version"] == "0"
+    assert out["text"] == TOK.decode(toks, skip_special_tokens=True)
+
+
+def test_generate_text_batch_with_n(served):
+    _, port, _ = served
+    status, out = call(port, "/generate", {"text": ["ab", "c"], "rid": ["r1", "r2"],
+                                          "sampling_params": {"max_new_tokens": 3, "n": 2, "temperature": 1.0}})
+    assert status == 200 and isinstance(out, list) and len(out) == 4
+    assert [o["meta_info"]["id"] for o in out] == ["r1_0", "r1_1", "r2_0", "r2_1"]
+    assert [o["meta_info"]["prompt_tokens"] for o in out] == [2, 2, 1, 1]
+    assert all(1 <= len(o["output_ids"]) <= 3 and "output_token_logprobs" not in o["meta_info"] for o in out)
+
+
+def test_info_endpoints_and_keep_alive(served):
+    server, port, _ = served
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    for path in ("/health", "/get_model_info", "/v1/models"):  # three requests on one connection
+        conn.request("GET", path)
+        r = conn.getresponse()
+        body = r.read()
+        assert r.status == 200, path
+    conn.close()
+    assert json.loads(body)["data"][0]["id"] == "micro"
+    assert call(port, "/get_model_info", method="GET")[1]["model_path"] == "ckpt/micro"
+    assert call(port, "/flush_cache")[0] == 200
+
+
+@pytest.mark.parametrize("body,status,word", [
+    (b"{not json", 400, "malformed JSON"),
+    ({"sampling_params": {"max_new_tokens": 4}}, 400, "exactly one of text or input_ids"),
+    ({"input_ids": [], "sampling_params": {}}, 400, "input_ids"),
+    ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": "8"}}, 400, "max_new_tokens"),
+    ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 500}}, 400, "context length (64)"),
+    ({"input_ids": [1, 99999], "sampling_params": {}}, 400, "out of range"),
+    ({"input_ids": [1, 2], "sampling_params": {"frobnicate": 1}}, 400, "frobnicate"),
+    ({"input_ids": [1, 2], "sampling_params": {"ignore_eos": True}}, 400, "not supported"),
+    ({"input_ids": [1, 2], "stream": True}, 400, "stream"),
+    (b'{"input_ids": [' + b"1," * 40000 + b"1]}", 413, "exceeds the limit"),
+])
+def test_bad_requests_get_json_4xx(served, body, status, word):
+    _, port, _ = served
+    raw = body if isinstance(body, bytes) else None
+    got, out = call(port, "/generate", None if raw else body, raw=raw)
+    assert got == status
+    assert out["error"]["code"] == status and word in out["error"]["message"] and out["error"]["type"]
+    assert call(port, "/health", method="GET")[0] == 200  # still serving
+
+
+def test_unknown_path_and_garbage_request_line(served):
+    _, port, _ = served
+    assert call(port, "/nope")[0] == 404
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"HELLO\r\n\r\n")
+        reply = s.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 400")
+
+
+def test_engine_exception_is_500_and_server_survives():
+    model = micro()
+    engine = HFEngine(model, TOK)
+    server = Server(engine, TOK, model=model, port=0)
+    port = server.start()
+    try:
+        real = engine.generate
+
+        async def broken(*a, **k):
+            raise RuntimeError("CUDA fell over")
+        engine.generate = broken
+        status, out = call(port, "/generate", gen_body(4))
+        assert status == 500 and "CUDA fell over" in out["error"]["message"]
+        engine.generate = real
+        assert call(port, "/generate", gen_body(4))[0] == 200
+    finally:
+        shutdown(server)
+
+
+def test_overload_answers_503_and_pause_holds_requests():
+    model = micro()
+    server = Server(HFEngine(model, TOK), TOK, model=model, port=0, max_queue=1)
+    port = server.start()
+    try:
+        assert call(port, "/pause_generation", {"mode": "in_place"})[0] == 200
+        first = {}
+        t = threading.Thread(target=lambda: first.update(r=call(port, "/generate", gen_body(4))))
+        t.start()
+        wait_for(lambda: server.queued == 1)
+        status, out = call(port, "/generate", gen_body(4))
+        assert status == 503 and out["error"]["code"] == 503 and "max_queue=1" in out["error"]["message"]
+        time.sleep(0.2)
+        assert t.is_alive()  # held while paused
+        assert call(port, "/continue_generation")[0] == 200
+        t.join(timeout=20)
+        assert first["r"][0] == 200 and len(first["r"][1]["output_ids"]) >= 1
+    finally:
+        shutdown(server)
+
+
+def test_api_key_is_enforced():
+    model = micro()
+    server = Server(HFEngine(model, TOK), TOK, model=model, port=0, api_key="sekrit")
+    port = server.start()
+    try:
+        assert call(port, "/generate", gen_body(2))[0] == 401
+        status, out = call(port, "/v1/models", method="GET", headers={"Authorization": "Bearer wrong"})
+        assert status == 401 and out["error"]["type"] == "authentication_error"
+        assert call(port, "/generate", gen_body(2), headers={"Authorization": "Bearer sekrit"})[0] == 200
+        assert call(port, "/health", method="GET")[0] == 200  # probes need no key
+    finally:
+        shutdown(server)
+
+
+def test_update_weights_from_disk(tmp_path):
+    model, new = micro(seed=0), micro(seed=1)
+    new.save_pretrained(tmp_path / "v7")  # tied embeddings: lm_head is not in the file
+    micro(hidden=48).save_pretrained(tmp_path / "wrong")
+    server = Server(HFEngine(model, TOK), TOK, model=model, port=0)
+    port = server.start()
+    try:
+        before = call(port, "/generate", gen_body(6))[1]
+        status, out = call(port, "/update_weights_from_disk", {"model_path": str(tmp_path / "wrong")})
+        assert status == 400 and out["success"] is False and "shape" in out["message"]
+        status, out = call(port, "/update_weights_from_disk", {"model_path": str(tmp_path / "nowhere")})
+        assert status == 400 and "no such file" in out["error"]["message"]
+        assert call(port, "/get_weight_version", method="GET")[1] == {"weight_version": "0"}
+        status, out = call(port, "/update_weights_from_disk", {"model_path": str(tmp_path / "v7"),
+                                                                "weight_version": "7"})
+        assert status == 200 and out["success"] is True
+        assert call(port, "/get_weight_version", method="GET")[1] == {"weight_version": "7"}
+        after = call(port, "/generate", gen_body(6))[1]
+        toks = after["output_ids"]
+        ref, greedy = forward_logprobs(new, PROMPT, toks)  # now the seed-1 model's distribution
+        assert greedy == toks
+        assert [e[0] for e in after["meta_info"]["output_token_logprobs"]] == pytest.approx(ref, abs=1e-4)
+        assert after["meta_info"]["output_token_versions"] == [7] * len(toks)
+        assert [e[0] for e in before["meta_info"]["output_token_logprobs"]] != pytest.approx(
+            [e[0] for e in after["meta_info"]["output_token_logprobs"]], abs=1e-3)
+    finally:
+        shutdown(server)
+
+
+def test_pause_midsequence_then_new_weights_change_versions(tmp_path):
+    """Embedded engine: pause at a token boundary, swap weights, continue: one sequence, two versions."""
+    if EmbeddedEngine is None:
+        pytest.skip("thinkrl.rollout.engine is not available")
+    model = micro()
+    micro(seed=1).save_pretrained(tmp_path / "v1")
+    engine = EmbeddedEngine(model, tokenizer=TOK, max_seqs=4)
+    server = Server(engine, TOK, model=model, port=0)
+    port = server.start()
+    try:
+        mixed = None
+        for attempt in range(5):  # bounded: the pause must land while the sequence is running
+            box = {}
+            body = gen_body(56, temperature=1.0, seed=attempt)
+            t = threading.Thread(target=lambda: box.update(r=call(port, "/generate", body)))
+            t.start()
+            wait_for(lambda: engine.stats()["running"] > 0 or not t.is_alive())
+            call(port, "/pause_generation", {"mode": "in_place"})
+            call(port, "/update_weights_from_disk", {"model_path": str(tmp_path / "v1"),
+                                                     "weight_version": str(attempt + 1)})
+            call(port, "/continue_generation")
+            t.join(timeout=20)
+            vers = box["r"][1]["meta_info"]["output_token_versions"]
+            assert vers == sorted(vers) and set(vers) <= {attempt, attempt + 1}
+            if len(set(vers)) == 2:
+                mixed = vers
+                break
+        assert mixed is not None, "the pause never landed mid-sequence"
+    finally:
+        shutdown(server)
+
+
+def test_openai_endpoints_raw_http(served):
+    _, port, model = served
+    status, out = call(port, "/v1/completions", {"model": "micro", "prompt": PROMPT, "max_tokens": 5, "temperature": 0,
+                                                 "logprobs": 0, "return_tokens_as_token_ids": True, "n": 2})
+    assert status == 200 and out["object"] == "text_completion" and len(out["choices"]) == 2
+    c = out["choices"][0]
+    toks = [int(t.split(":")[1]) for t in c["logprobs"]["tokens"]]
+    ref, greedy = forward_logprobs(model, PROMPT, toks)
+    assert greedy == toks and c["logprobs"]["token_logprobs"] == pytest.approx(ref, abs=1e-4)
+    assert out["usage"]["prompt_tokens"] == len(PROMPT) and c["finish_reason"] in ("stop", "length")
+    chat = {"model": "micro", "messages": [{"role": "user", "content": "1+2"}], "max_tokens": 5, "temperature": 0,
+            "logprobs": True}
+    status, out = call(port, "/v1/chat/completions", chat)
+    assert status == 200 and out["choices"][0]["message"]["role"] == "assistant"
+    lp = out["choices"][0]["logprobs"]["content"]
+    assert [e["logprob"] for e in lp] == pytest.approx(ref[: len(lp)], abs=1e-4)  # same prompt, same greedy path
+    assert call(port, "/v1/completions", {"model": "m", "prompt": PROMPT, "logprobs": 3})[0] == 400
+    assert call(port, "/v1/chat/completions", {"model": "m", "messages": "hi"})[0] == 400
+
+
+def test_official_openai_client(served):
+    openai = pytest.importorskip("openai")
+    _, port, model = served
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
+    assert [m.id for m in client.models.list().data] == ["micro"]
+    comp = client.completions.create(model="micro", prompt=PROMPT, max_tokens=5, temperature=0, logprobs=0,
+                                     extra_body={"return_tokens_as_token_ids": True})
+    toks = [int(t.split(":")[1]) for t in comp.choices[0].logprobs.tokens]
+    ref, _ = forward_logprobs(model, PROMPT, toks)
+    assert comp.choices[0].logprobs.token_logprobs == pytest.approx(ref, abs=1e-4)
+    chat = client.chat.completions.create(model="micro", messages=[{"role": "user", "content": "1+2"}], max_tokens=5,
+                                          temperature=0, logprobs=True, n=2)
+    assert len(chat.choices) == 2 and chat.usage.prompt_tokens == len(PROMPT)
+    got = [e.logprob for e in chat.choices[0].logprobs.content]
+    assert got == pytest.approx(ref[: len(got)], abs=1e-4)
+    with pytest.raises(openai.BadRequestError, match="context length"):
+        client.completions.create(model="micro", prompt=PROMPT, max_tokens=1000)

@@ -1,0 +1,428 @@
+"""RemoteEngine: the InferenceEngine protocol over HTTP inference servers (SGLang native API or vLLM's OpenAI API).
+
+    engine = RemoteEngine(["http://10.0.0.5:30000", "http://10.0.0.6:30000"], api="sglang", max_concurrency=64)
+    gens = await engine.generate(prompt_ids, SamplingParams(max_new_tokens=512), n=8)
+    engine.update_weights("/shared/ckpt/step_10", version=10)      # a directory every server can read
+
+- Concurrency: at most `max_concurrency` sequences in flight per server (the n samples of a request count n), so
+  servers are not pushed into KV-cache preemption; requests beyond that wait in the client.
+- Routing: least loaded server; the n samples of a group and the resumed parts of a request stay on one server
+  (sticky) while it is alive, so its prefix cache is hit.
+- Failures: connection errors and timeouts mark a server dead for `dead_cooldown` s and the request fails over
+  to another; 5xx/429 answers are retried with exponential backoff; other 4xx answers raise at once.
+- Partial rollouts: a sample that ends with finish "abort" (a server paused with mode=abort for a weight update)
+  is resumed: prompt + tokens so far are sent again with the rest of the token budget, and the parts are joined
+  (tokens, log-probs, versions).
+- Versions: each token carries the server-reported version (thinkrl servers report it per token, SGLang per
+  response as meta_info.weight_version), else the client's version when the response arrived.
+- update_weights(path, version): on every live server /pause_generation, /update_weights_from_disk, then
+  /continue_generation. A server that missed an update is brought up to date before its next request.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import tempfile
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from thinkrl.rollout.base import register_engine
+from thinkrl.rollout.http_util import HTTPClient, Response
+from thinkrl.types import Generation, SamplingParams
+
+log = logging.getLogger(__name__)
+APIS = ("sglang", "openai")
+PAUSE_MODES = ("abort", "in_place", "retract")
+
+
+class RemoteError(RuntimeError):
+    """A server answered with an error that retrying will not fix, or every retry failed."""
+
+
+class _Retry(Exception):
+    """A transient answer (5xx, 429, 408): retry, without marking the server dead."""
+
+
+@dataclass(eq=False)
+class _Server:
+    url: str
+    limit: int
+    version: int
+    load: int = 0  # sequences in flight
+    dead_until: float = 0.0
+    model: str | None = None  # OpenAI API: served model name
+    stats: dict = field(default_factory=lambda: {"requests": 0, "failures": 0})
+
+
+@dataclass(eq=False)
+class _LoopState:  # asyncio objects are bound to one event loop: one of these per loop
+    client: HTTPClient
+    cond: asyncio.Condition
+    active: int = 0
+
+
+def run_sync(make_coro):
+    """Run a coroutine to completion from sync code, also when this thread already runs an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make_coro())
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = asyncio.run(make_coro())
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=target, name="thinkrl-remote-sync")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+@register_engine("remote")
+class RemoteEngine:
+    def __init__(self, servers: list[str], api: str = "sglang", max_concurrency: int = 64, *, tokenizer=None,
+                 version: int = 0, api_key: str | None = None, request_timeout: float = 3600.0,
+                 max_retries: int = 3, retry_backoff: float = 0.5, dead_cooldown: float = 30.0, max_resumes: int = 8,
+                 pause_mode: str = "abort", weights_dir: str | None = None, model_name: str | None = None):
+        if not servers:
+            raise ValueError("rollout.servers: empty; give the servers' base URLs, e.g. [http://127.0.0.1:30000]")
+        for url in servers:
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                raise ValueError(f"rollout.servers: {url!r} is not an http:// or https:// URL")
+        if api not in APIS:
+            raise ValueError(f"rollout.server_api: unknown value {api!r}; valid: {', '.join(APIS)}")
+        if max_concurrency < 1:
+            raise ValueError(f"rollout.max_concurrency: must be >= 1, got {max_concurrency}")
+        if pause_mode not in PAUSE_MODES:
+            raise ValueError(f"pause_mode: unknown value {pause_mode!r}; valid: {', '.join(PAUSE_MODES)}")
+        if request_timeout <= 0 or max_retries < 0:
+            raise ValueError("request_timeout must be > 0 and max_retries >= 0")
+        self.servers = [_Server(u.rstrip("/"), max_concurrency, version) for u in servers]
+        self.api, self.tokenizer, self.version = api, tokenizer, version
+        self.api_key = api_key or os.environ.get("THINKRL_SERVER_API_KEY") or None
+        self.request_timeout, self.max_retries, self.retry_backoff = request_timeout, max_retries, retry_backoff
+        self.dead_cooldown, self.max_resumes, self.pause_mode = dead_cooldown, max_resumes, pause_mode
+        self.weights_dir, self.model_name = weights_dir, model_name
+        self.counters = {"requests": 0, "retries": 0, "failovers": 0, "resumes": 0}
+        self._weights: str | None = None  # the path of the current version's weights (for catch-up)
+        self._sticky: dict[str, _Server] = {}
+        self._loops: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def from_config(cls, rollout_cfg, tokenizer=None, version: int = 0) -> RemoteEngine:
+        """From RolloutConfig: servers, server_api, max_concurrency (+ optional request_timeout, max_retries,
+        pause_mode, weights_dir, server_api_key when the config has them)."""
+        extra = {k: getattr(rollout_cfg, c) for k, c in (("request_timeout", "request_timeout"),
+                 ("max_retries", "max_retries"), ("pause_mode", "pause_mode"), ("weights_dir", "weights_dir"),
+                 ("api_key", "server_api_key")) if getattr(rollout_cfg, c, None) not in (None, "")}
+        return cls(list(rollout_cfg.servers), api=rollout_cfg.server_api, max_concurrency=rollout_cfg.max_concurrency,
+                   tokenizer=tokenizer, version=version, **extra)
+
+    # ------------------------------------------------------------------------------------------ generation
+    async def generate(self, input_ids: list[int], params: SamplingParams | None = None,
+                       n: int = 1) -> list[Generation]:
+        params = params or SamplingParams()
+        if n < 1 or params.max_new_tokens < 1:
+            raise ValueError(f"generate: need n >= 1 and max_new_tokens >= 1 (got {n}, {params.max_new_tokens})")
+        prompt, key = [int(t) for t in input_ids], uuid.uuid4().hex
+        try:
+            gens = await self._request(prompt, params, n, key)
+            return list(await asyncio.gather(*[self._complete(prompt, params, g, key) for g in gens]))
+        finally:
+            self._sticky.pop(key, None)
+
+    def generate_batch(self, prompts: list[list[int]], params: SamplingParams | None = None,
+                       n: int = 1) -> list[list[Generation]]:
+        async def go():
+            return list(await asyncio.gather(*[self.generate(p, params, n) for p in prompts]))
+        return run_sync(go)
+
+    async def _complete(self, prompt: list[int], params: SamplingParams, g: Generation, key: str) -> Generation:
+        """Resume an aborted sample until it stops, reaches max_new_tokens, or max_resumes is spent."""
+        for _ in range(self.max_resumes):
+            left = params.max_new_tokens - len(g.tokens)
+            if g.finish != "abort" or left <= 0:
+                break
+            if g.tokens and g.tokens[-1] in params.stop_token_ids:
+                return replace(g, finish="stop")
+            self.counters["resumes"] += 1
+            [more] = await self._request(prompt + g.tokens, replace(params, max_new_tokens=left), 1, key)
+            g = Generation(g.tokens + more.tokens, g.logprobs + more.logprobs, g.versions + more.versions, more.finish)
+        if g.finish == "abort" and len(g.tokens) >= params.max_new_tokens:
+            g = replace(g, finish="length")
+        return g
+
+    def _state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        st = self._loops.get(loop)
+        if st is None:
+            st = self._loops[loop] = _LoopState(HTTPClient(headers=self._auth()), asyncio.Condition())
+        return st
+
+    def _choose(self, key: str) -> _Server:
+        now = time.monotonic()
+        alive = [s for s in self.servers if s.dead_until <= now]
+        sticky = self._sticky.get(key)
+        if sticky is not None and sticky in alive:
+            return sticky
+        if not alive:  # all marked dead: probe the one that comes back first
+            return min(self.servers, key=lambda s: s.dead_until)
+        best = min(s.load / s.limit for s in alive)
+        s = random.choice([s for s in alive if s.load / s.limit == best])
+        self._sticky[key] = s
+        return s
+
+    async def _acquire(self, st: _LoopState, key: str, k: int) -> _Server:
+        async with st.cond:
+            while True:
+                s = self._choose(key)
+                if s.load + k <= s.limit or s.load == 0:
+                    s.load += k
+                    return s
+                try:  # released slots notify; the timeout covers releases made on another event loop
+                    await asyncio.wait_for(st.cond.wait(), 0.5)
+                except asyncio.TimeoutError:
+                    pass
+
+    async def _release(self, st: _LoopState, s: _Server, k: int) -> None:
+        s.load -= k
+        async with st.cond:
+            st.cond.notify_all()
+
+    async def _request(self, prompt: list[int], params: SamplingParams, n: int, key: str) -> list[Generation]:
+        """n generations for one prompt from one server, with retries and failover."""
+        st = self._state()
+        st.active += 1
+        try:
+            last: Exception | None = None
+            for attempt in range(self.max_retries + 1):
+                k = min(n, self.servers[0].limit)
+                s = await self._acquire(st, key, k)
+                self.counters["requests"] += 1
+                s.stats["requests"] += 1
+                try:
+                    if self._weights is not None and s.version != self.version:
+                        await self._catch_up(st.client, s)
+                    return await asyncio.wait_for(self._call(st.client, s, prompt, params, n), self.request_timeout)
+                except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
+                    s.dead_until, last = time.monotonic() + self.dead_cooldown, e
+                    s.version = -1  # it may come back restarted with other weights: resend ours first
+                    s.stats["failures"] += 1
+                    self._sticky.pop(key, None)
+                    others = any(o.dead_until <= time.monotonic() for o in self.servers)
+                    log.warning("remote engine: %s failed (%s: %s); marked dead for %.0f s%s", s.url,
+                                type(e).__name__, e, self.dead_cooldown, ", failing over" if others else "")
+                    self.counters["failovers" if others else "retries"] += 1
+                    if others:
+                        continue
+                except _Retry as e:
+                    last = e
+                    self.counters["retries"] += 1
+                    self._sticky.pop(key, None)
+                finally:
+                    await self._release(st, s, k)
+                if attempt < self.max_retries:
+                    await asyncio.sleep(min(self.retry_backoff * 2 ** attempt, 10.0))
+            raise RemoteError(f"generate failed after {self.max_retries + 1} attempts: {type(last).__name__}: {last}")
+        finally:
+            st.active -= 1
+            if st.active == 0:  # no request in flight on this loop: close idle connections with it
+                st.client.close()
+
+    async def _call(self, client: HTTPClient, s: _Server, prompt, params: SamplingParams, n: int) -> list[Generation]:
+        if self.api == "sglang":
+            sp = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
+                  "top_k": params.top_k if params.top_k > 0 else -1, "n": n, "stop": list(params.stop),
+                  "stop_token_ids": list(params.stop_token_ids)}
+            if params.seed is not None:
+                sp["sampling_seed"] = params.seed
+            r = self._check(s, "/generate", await client.request(
+                "POST", s.url + "/generate", {"input_ids": prompt, "sampling_params": sp, "return_logprob": True}))
+            try:
+                items = r.json()
+                gens = [self._parse_sglang(s, it) for it in ([items] if isinstance(items, dict) else items)]
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+                raise RemoteError(f"{s.url}/generate: malformed answer ({type(e).__name__}: {e})") from None
+        else:
+            if s.model is None:
+                s.model = self.model_name or await self._model_of(client, s)
+            body = {"model": s.model, "prompt": prompt, "max_tokens": params.max_new_tokens, "n": n,
+                    "temperature": params.temperature, "top_p": params.top_p, "stop": list(params.stop) or None,
+                    "stop_token_ids": list(params.stop_token_ids), "logprobs": 0, "return_tokens_as_token_ids": True,
+                    "return_token_ids": True, "include_stop_str_in_output": True, "skip_special_tokens": False}
+            if params.top_k > 0:
+                body["top_k"] = params.top_k
+            if params.seed is not None:
+                body["seed"] = params.seed
+            r = self._check(s, "/v1/completions", await client.request("POST", s.url + "/v1/completions", body))
+            try:
+                gens = [self._parse_openai(s, c) for c in sorted(r.json()["choices"], key=lambda c: c.get("index", 0))]
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+                raise RemoteError(f"{s.url}/v1/completions: malformed answer ({type(e).__name__}: {e})") from None
+        if len(gens) != n:
+            raise RemoteError(f"{s.url}: asked for {n} samples, got {len(gens)}")
+        return gens
+
+    def _check(self, s: _Server, path: str, r: Response) -> Response:
+        if r.status == 200:
+            return r
+        msg = f"{s.url}{path}: HTTP {r.status}: {r.error_message()}"
+        if r.status >= 500 or r.status in (408, 429):
+            raise _Retry(msg)
+        raise RemoteError(msg)
+
+    def _versions(self, reported, weight_version, n: int) -> list[int]:
+        if isinstance(reported, list) and len(reported) == n:
+            return [int(v) for v in reported]
+        try:
+            return [int(weight_version)] * n
+        except (TypeError, ValueError):
+            return [self.version] * n
+
+    def _parse_sglang(self, s: _Server, item: dict) -> Generation:
+        meta = item.get("meta_info") or {}
+        lps = meta.get("output_token_logprobs")
+        if lps is None:
+            raise RemoteError(f"{s.url}/generate: no output_token_logprobs in the answer (return_logprob ignored?)")
+        tokens, logprobs = [int(e[1]) for e in lps], [float(e[0]) for e in lps]
+        fin = (meta.get("finish_reason") or {}).get("type", "abort")
+        finish = fin if fin in ("stop", "length", "abort") else "stop"
+        return Generation(tokens, logprobs, self._versions(meta.get("output_token_versions"),
+                                                           meta.get("weight_version"), len(tokens)), finish)
+
+    def _parse_openai(self, s: _Server, choice: dict) -> Generation:
+        lp = choice.get("logprobs") or {}
+        logprobs = lp.get("token_logprobs")
+        tokens = choice.get("token_ids")
+        if tokens is None:
+            try:
+                tokens = [int(t.split("token_id:", 1)[1]) for t in lp.get("tokens") or []]
+            except (IndexError, ValueError, AttributeError):
+                raise RemoteError(f"{s.url}/v1/completions: tokens are not token ids; the server ignores "
+                                  "return_tokens_as_token_ids (vLLM: start it with --return-tokens-as-token-ids)"
+                                  ) from None
+        if logprobs is None or len(logprobs) != len(tokens) or any(x is None for x in logprobs):
+            raise RemoteError(f"{s.url}/v1/completions: missing or incomplete token log-probs")
+        fin = choice.get("finish_reason")
+        finish = fin if fin in ("length", "abort") else "stop"
+        return Generation([int(t) for t in tokens], [float(x) for x in logprobs],
+                          self._versions(choice.get("token_versions"), None, len(tokens)), finish)
+
+    async def _model_of(self, client: HTTPClient, s: _Server) -> str:
+        r = self._check(s, "/v1/models", await client.request("GET", s.url + "/v1/models", timeout=30))
+        data = (r.json() or {}).get("data") or []
+        if not data:
+            raise RemoteError(f"{s.url}/v1/models: the server lists no model")
+        return data[0]["id"]
+
+    # ------------------------------------------------------------------------------------------ control
+    async def _post(self, client: HTTPClient, s: _Server, path: str, body: dict | None = None) -> Response:
+        r = await client.request("POST", s.url + path, body if body is not None else {}, timeout=self.request_timeout)
+        if r.status == 404:
+            raise RemoteError(f"{s.url}{path}: not found (this server has no such endpoint; plain vLLM has no "
+                              "/update_weights_from_disk: see docs/remote_engines.md)")
+        return self._check(s, path, r)
+
+    async def _catch_up(self, client: HTTPClient, s: _Server) -> None:
+        """Bring a server that missed weight updates to the current version (failing: treat it as down)."""
+        try:
+            await self._post(client, s, "/update_weights_from_disk",
+                             {"model_path": self._weights, "weight_version": str(self.version)})
+        except (RemoteError, _Retry) as e:
+            raise ConnectionError(f"could not bring it to weight version {self.version}: {e}") from None
+        s.version = self.version
+
+    async def _control(self, fn) -> list:
+        """fn(client, server) on every live server at once; failures mark servers dead; all failing raises."""
+        client = HTTPClient(headers=self._auth())
+        try:
+            live = [s for s in self.servers if s.dead_until <= time.monotonic()] or list(self.servers)
+            res = await asyncio.gather(*[fn(client, s) for s in live], return_exceptions=True)
+            ok = [s for s, r in zip(live, res) if not isinstance(r, BaseException)]
+            for s, r in zip(live, res):
+                if isinstance(r, BaseException):
+                    log.warning("remote engine: %s: %s", s.url, r)
+                    if not isinstance(r, RemoteError):
+                        s.dead_until = time.monotonic() + self.dead_cooldown
+            if not ok:
+                err = next(r for r in res if isinstance(r, BaseException))
+                raise err if isinstance(err, RemoteError) else RemoteError(f"no server reachable: {err}")
+            return ok
+        finally:
+            client.close()
+
+    def pause(self) -> None:
+        run_sync(lambda: self._control(lambda c, s: self._post(c, s, "/pause_generation", {"mode": self.pause_mode})))
+
+    def resume(self) -> None:
+        run_sync(lambda: self._control(lambda c, s: self._post(c, s, "/continue_generation")))
+
+    def update_weights(self, src, version: int) -> None:
+        """src: a directory (or .safetensors file) the servers can read, a state dict, or a model with
+        save_pretrained (both written to `weights_dir` first, which must be visible to the servers)."""
+        path = self._materialize(src)
+
+        async def one(client, s):
+            await self._post(client, s, "/pause_generation", {"mode": self.pause_mode})
+            try:
+                await self._post(client, s, "/update_weights_from_disk",
+                                 {"model_path": path, "weight_version": str(version)})
+                s.version = version
+            except BaseException:
+                await self._post(client, s, "/continue_generation")
+                raise
+
+        async def go():
+            updated = await self._control(one)
+            self.version, self._weights = version, path  # before continuing: later tokens carry the new version
+            client = HTTPClient(headers=self._auth())
+            try:
+                await asyncio.gather(*[self._post(client, s, "/continue_generation") for s in updated],
+                                     return_exceptions=True)
+            finally:
+                client.close()
+
+        run_sync(go)
+
+    def _auth(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def _materialize(self, src) -> str:
+        if isinstance(src, (str, os.PathLike)):
+            return str(src)
+        d = Path(self.weights_dir or tempfile.mkdtemp(prefix="thinkrl-weights-"))
+        d.mkdir(parents=True, exist_ok=True)
+        self.weights_dir = str(d)
+        for old in [*d.glob("*.safetensors"), *d.glob("*.safetensors.index.json")]:  # no stale shards
+            old.unlink()
+        if hasattr(src, "save_pretrained"):
+            src.save_pretrained(str(d))
+        elif isinstance(src, Mapping):
+            from safetensors.torch import save_file
+
+            seen, out = set(), {}
+            for k, v in src.items():  # tied weights share storage: keep the first name only
+                if v.data_ptr() not in seen:
+                    seen.add(v.data_ptr())
+                    out[k] = v.detach().to("cpu", copy=True).contiguous()
+            save_file(out, str(d / "model.safetensors"))
+        else:
+            raise ValueError(f"update_weights: src must be a path, a state dict or a model, got {type(src).__name__}")
+        return str(d)
+
+    def stats(self) -> dict:
+        now = time.monotonic()
+        return {**self.counters, "servers": [{"url": s.url, "load": s.load, "dead": s.dead_until > now,
+                                              "version": s.version, **s.stats} for s in self.servers]}
