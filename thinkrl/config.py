@@ -88,6 +88,8 @@ class RolloutConfig:
 class TrainConfig:
     steps: int = 100  # RL steps
     max_tokens_per_mb: int = 8192  # micro-batch token budget
+    packing: bool = True  # padding-free 1-D packing (False: padded micro-batches)
+    share_prompt: bool = True  # RL: the n responses of a prompt share one copy of its tokens
     grad_clip: float = 1.0
     weight_decay: float = 0.0
     warmup_steps: int = 0

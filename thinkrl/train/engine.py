@@ -64,8 +64,29 @@ class TrainEngine:
     def _amp(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
 
+    def micro_batches(self, seqs, share_prompt: bool = False) -> list[tuple[list[int], object]]:
+        """[(indices into seqs, forward input)] under the token budget: packed (balanced) or padded."""
+        if self.tcfg.packing:
+            from thinkrl.train.packing import Seq, make_micro_batches
+
+            seqs = [s if hasattr(s, "tokens") else Seq(tokens=list(s)) for s in seqs]
+            mbs = make_micro_batches(seqs, self.tcfg.max_tokens_per_mb, share_prompt=share_prompt)
+            return [(mb.seq_index, mb) for mb in mbs]
+        toks = [s.tokens if hasattr(s, "tokens") else s for s in seqs]
+        return [(g, [toks[i] for i in g]) for g in split_by_tokens([len(t) for t in toks], self.tcfg.max_tokens_per_mb)]
+
+    def forward(self, mb, with_entropy: bool = False):
+        """Per-sequence log-prob tensors (and entropies) of one micro-batch from `micro_batches`."""
+        if self.tcfg.packing:
+            from thinkrl.train.packing import forward_logprobs
+
+            with self._amp():
+                res = forward_logprobs(self.model, mb, with_entropy=with_entropy)
+            return res if with_entropy else (res, None)
+        return self.forward_logprobs(mb, with_entropy)
+
     def forward_logprobs(self, seqs: list[list[int]], with_entropy: bool = False):
-        """Per-sequence tensors: logp[t] = log p(tokens[t] | tokens[:t]) (logp[0] = 0)."""
+        """Padded forward. Per-sequence tensors: logp[t] = log p(tokens[t] | tokens[:t]) (logp[0] = 0)."""
         n = max(len(s) for s in seqs)
         ids = torch.zeros((len(seqs), n), dtype=torch.long)
         att = torch.zeros((len(seqs), n), dtype=torch.long)
@@ -90,10 +111,9 @@ class TrainEngine:
 
     @torch.no_grad()
     def logprobs(self, trajs: list[Trajectory]) -> list[list[float]]:
-        seqs = [t.tokens for t in trajs]
-        res: list[list[float]] = [None] * len(seqs)  # type: ignore
-        for group in split_by_tokens([len(s) for s in seqs], self.tcfg.max_tokens_per_mb):
-            lps, _ = self.forward_logprobs([seqs[i] for i in group])
+        res: list[list[float]] = [None] * len(trajs)  # type: ignore
+        for group, mb in self.micro_batches(trajs, share_prompt=self.tcfg.share_prompt):
+            lps, _ = self.forward(mb)
             for i, lp in zip(group, lps):
                 res[i] = lp.tolist()
         return res
@@ -108,14 +128,13 @@ class TrainEngine:
         num_tokens = float(sum(t.num_response_tokens for t in trajs))
         num_seqs = float(len(trajs))
         max_len = max((t.num_response_tokens for t in trajs), default=1)
-        groups = split_by_tokens([len(t.tokens) for t in trajs], self.tcfg.max_tokens_per_mb)
+        mbs = self.micro_batches(trajs, share_prompt=self.tcfg.share_prompt)
         self.model.train()
         for _ in range(self.acfg.ppo_epochs):
             self.optimizer.zero_grad(set_to_none=True)
             per_mb = []
-            for group in groups:
-                need_ent = True
-                lps, ents = self.forward_logprobs([trajs[i].tokens for i in group], with_entropy=need_ent)
+            for group, mb in mbs:
+                lps, ents = self.forward(mb, with_entropy=True)
                 cat = lambda xs: torch.cat([torch.as_tensor(x, dtype=torch.float32) for x in xs]).to(self.device)  # noqa: E731
                 inp = LossInput(
                     logp=torch.cat(lps),
@@ -150,8 +169,8 @@ class TrainEngine:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for group in split_by_tokens([len(x) for x, _ in examples], self.tcfg.max_tokens_per_mb):
-            lps, _ = self.forward_logprobs([examples[i][0] for i in group])
+        for group, mb in self.micro_batches([x for x, _ in examples]):
+            lps, _ = self.forward(mb)
             mask = torch.cat([torch.tensor(examples[i][1], dtype=torch.float32) for i in group]).to(self.device)
             loss = -(torch.cat(lps) * mask).sum() / max(num_tokens, 1.0)
             loss.backward()
