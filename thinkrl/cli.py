@@ -25,7 +25,7 @@ class CLIError(Exception):
 
 def _config_parser(name: str, help: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"thinkrl {name}", description=help)
-    p.add_argument("--config", "-c", help="YAML config file")
+    p.add_argument("--config", "-c", action="append", help="YAML config file (repeat to layer, e.g. quickstart + configs/algo/dapo.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algo.lr=1e-5 rollout.n=8")
     return p
 

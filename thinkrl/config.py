@@ -100,6 +100,7 @@ class TrainConfig:
     sft_steps: int = 1000
     sft_lr: float = 3e-3
     sft_batch_size: int = 64
+    sft_warmup_steps: int = 0
     save_every: int = 0  # RL steps between checkpoints (0: at the end only)
 
 
@@ -331,12 +332,15 @@ def _get(cfg: Config, key: str) -> Any:
     return obj
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: Config | None = None) -> Config:
-    """Build a Config from defaults (or `base`), a YAML file, and `key=value` overrides."""
+def load_config(path: str | Path | list | None = None, overrides: list[str] | None = None, base: Config | None = None) -> Config:
+    """Build a Config from defaults (or `base`), YAML file(s) applied in order, and `key=value` overrides.
+
+    `path` may be a list: later files override earlier ones (e.g. the quickstart + an algo preset).
+    """
     cfg = base if base is not None else Config()
     valid = _all_keys(Config)
-    if path:
-        p = Path(path)
+    for p in path if isinstance(path, (list, tuple)) else ([path] if path else []):
+        p = Path(p)
         if not p.exists():
             raise ConfigError(f"config file not found: {p}")
         try:
@@ -347,7 +351,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
-        _apply(cfg, data, "", valid)
+        try:
+            _apply(cfg, data, "", valid)
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
     for ov in overrides or []:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r}: expected key=value (e.g. algo.lr=1e-5)")
