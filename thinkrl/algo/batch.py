@@ -9,6 +9,7 @@ import dataclasses
 
 import torch
 
+from thinkrl.algo.advantages import gae_returns
 from thinkrl.algo.filters import group_metrics, uniform_groups
 from thinkrl.algo.registry import get_advantage
 from thinkrl.algo.shaping import apply_length_shaping, shape_rewards
@@ -34,21 +35,18 @@ def rollout_metrics(trajs: list[Trajectory], correct_threshold: float = 1.0) -> 
     return m
 
 
-def make_batch(trajs: list[Trajectory], acfg, max_new_tokens: int) -> Batch:
-    """Shape rewards, compute per-token advantages, and return the Batch (with rollout metrics)."""
+def make_batch(trajs: list[Trajectory], acfg, max_new_tokens: int, values=None) -> Batch:
+    """Shape rewards, compute per-token advantages, and return the Batch (with rollout metrics).
+
+    `values`: per trajectory, V of the state before each token (`Critic.values`), for `gae`."""
     if not trajs:
         raise ValueError("make_batch: no trajectories")
     gidx = group_indices(trajs)
     raw = torch.tensor([t.reward for t in trajs], dtype=torch.float32)
     metrics = rollout_metrics(trajs, acfg.correct_threshold)
-    lengths = [t.num_response_tokens for t in trajs]
-    r = apply_length_shaping(raw, lengths, max_new_tokens, acfg, [t.finish for t in trajs])
-    r = shape_rewards(r, acfg)
-    T = max(len(t.tokens) for t in trajs)
-    mask = torch.zeros(len(trajs), T)
-    for i, t in enumerate(trajs):
-        mask[i, : len(t.tokens)] = torch.tensor(t.loss_mask, dtype=torch.float32)
-    adv = get_advantage(acfg.advantage)(r, gidx, mask, acfg)
+    r = shaped_rewards(trajs, acfg, max_new_tokens)
+    mask = response_mask(trajs)
+    adv = get_advantage(acfg.advantage)(r, gidx, mask, acfg, *([] if values is None else [pad_values(values, trajs)]))
     keep = torch.ones(len(trajs), dtype=torch.bool)
     if acfg.mask_uniform_groups:
         keep &= ~uniform_groups(raw, gidx)
@@ -63,3 +61,39 @@ def make_batch(trajs: list[Trajectory], acfg, max_new_tokens: int) -> Batch:
     metrics["batch/kept_frac"] = float(keep.float().mean())
     advantages = [adv[i, : len(t.tokens)].tolist() for i, t in enumerate(trajs)]
     return Batch(trajectories=out_trajs, advantages=advantages, metrics=metrics)
+
+
+def shaped_rewards(trajs: list[Trajectory], acfg, max_new_tokens: int) -> torch.Tensor:
+    """[B] sequence rewards the estimator sees: length shaping, then (r - bias) * scale."""
+    raw = torch.tensor([t.reward for t in trajs], dtype=torch.float32)
+    lengths = [t.num_response_tokens for t in trajs]
+    r = apply_length_shaping(raw, lengths, max_new_tokens, acfg, [t.finish for t in trajs])
+    return shape_rewards(r, acfg)
+
+
+def response_mask(trajs: list[Trajectory]) -> torch.Tensor:
+    """[B, T] float: each trajectory's loss mask, right-padded with 0."""
+    mask = torch.zeros(len(trajs), max(len(t.tokens) for t in trajs))
+    for i, t in enumerate(trajs):
+        mask[i, : len(t.tokens)] = torch.tensor(t.loss_mask, dtype=torch.float32)
+    return mask
+
+
+def pad_values(values, trajs: list[Trajectory]) -> torch.Tensor:
+    """Per-trajectory values (lists or 1-D tensors, one per token) -> [B, T] float32, right-padded with 0."""
+    if len(values) != len(trajs):
+        raise ValueError(f"values: {len(values)} entries for {len(trajs)} trajectories")
+    out = torch.zeros(len(trajs), max(len(t.tokens) for t in trajs))
+    for i, (v, t) in enumerate(zip(values, trajs)):
+        v = torch.as_tensor(v, dtype=torch.float32).detach().cpu()
+        if v.shape != (len(t.tokens),):
+            raise ValueError(f"values[{i}]: expected one value per token ({len(t.tokens)}), got shape {tuple(v.shape)}")
+        out[i, : len(t.tokens)] = v
+    return out
+
+
+def gae_targets(trajs: list[Trajectory], acfg, max_new_tokens: int, values) -> list[list[float]]:
+    """The critic's targets: `gae_returns` on the rewards make_batch shapes, per trajectory (0 off the mask)."""
+    mask = response_mask(trajs)
+    ret = gae_returns(shaped_rewards(trajs, acfg, max_new_tokens), group_indices(trajs), mask, acfg, pad_values(values, trajs))
+    return [ret[i, : len(t.tokens)].tolist() for i, t in enumerate(trajs)]

@@ -32,6 +32,10 @@ class AlgoConfig:
     kl_in_reward: bool = False
     # --- advantages
     adv_whiten: bool = True  # gae / ppo_critic_free: normalise advantages over the batch's tokens
+    # --- value model (advantage: gae; thinkrl.train.critic)
+    critic_lr: float | None = None  # None: algo.lr
+    value_clip: float = 0.0  # PPO value clipping around the values used for GAE (0: off)
+    critic_warmup_steps: int = 0  # first RL steps train only the critic (the policy is not updated)
     # --- aggregation: Dr.GRPO constant normaliser; 0 -> LossInput.max_len (the batch's max response length)
     max_len_norm: int = 0
     # --- off-policy corrections
@@ -76,4 +80,7 @@ class AlgoConfig:
         need(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
         need(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
         need(self.dynamic_max_rounds >= 1, "dynamic_max_rounds", "must be >= 1")
+        need(self.critic_lr is None or self.critic_lr > 0, "critic_lr", "must be > 0 (or null: algo.lr)")
+        need(self.value_clip >= 0, "value_clip", "must be >= 0 (0: off)")
+        need(self.critic_warmup_steps >= 0, "critic_warmup_steps", "must be >= 0")
         return self

@@ -429,7 +429,9 @@ class EmbeddedEngine:
         self.compactions += 1
         movers = sorted(s for s in self._running if s >= n)
         holes = [s for s in range(n) if s not in self._running]
-        src, dst = (torch.tensor(x, device=self.device) for x in (movers, holes))
+        if not movers:
+            return
+        src, dst = (torch.tensor(x, dtype=torch.long, device=self.device) for x in (movers, holes))
         self.runner.move(src, dst, max(s.t0 for s in self._running.values()) + self._ticks)
         self.st.move(src, dst)
         for a, b in zip(movers, holes):

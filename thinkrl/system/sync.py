@@ -13,20 +13,25 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from thinkrl.algo.batch import make_batch
+from thinkrl.algo.batch import gae_targets, make_batch
 from thinkrl.data import batch_for_step
 from thinkrl.rollout.workflow import collect
 
 
-def rl_step(step: int, cfg, engine, workflow, trainer, train_samples) -> dict:
+def rl_step(step: int, cfg, engine, workflow, trainer, train_samples, critic=None) -> dict:
+    """One step; `critic` (thinkrl.train.critic.Critic) supplies the values for algo.advantage=gae."""
     t0 = time.perf_counter()
     samples = batch_for_step(train_samples, step, cfg.rollout.batch_prompts, cfg.run.seed, cfg.data.shuffle)
     trajs = collect(engine, workflow, samples, group_prefix=f"{step}:")
     t_gen = time.perf_counter() - t0
-    batch = make_batch(trajs, cfg.algo, cfg.rollout.max_new_tokens)
+    values = critic.values(trajs) if critic is not None else None
+    batch = make_batch(trajs, cfg.algo, cfg.rollout.max_new_tokens, values=values)
     old = trainer.logprobs(batch.trajectories) if (cfg.algo.ppo_epochs > 1 or cfg.algo.loss == "decoupled_ppo" or cfg.algo.tis_level != "none") else None
     m = dict(batch.metrics)
-    m.update(trainer.step(batch, old_logprobs=old))
+    if critic is None or not critic.warming_up:  # algo.critic_warmup_steps: train only the critic first
+        m.update(trainer.step(batch, old_logprobs=old))
+    if critic is not None:
+        m.update(critic.step(trajs, gae_targets(trajs, cfg.algo, cfg.rollout.max_new_tokens, values), old_values=values))
     t1 = time.perf_counter()
     engine.update_weights(trainer.export_weights(), trainer.version)
     t_sync = time.perf_counter() - t1
@@ -45,12 +50,12 @@ def rl_step(step: int, cfg, engine, workflow, trainer, train_samples) -> dict:
 
 
 def run_sync(cfg, engine, workflow, trainer, train_samples, start_step: int, end_step: int,
-             on_step: Callable[[int, dict], None] | None = None, time_budget: float | None = None) -> int:
+             on_step: Callable[[int, dict], None] | None = None, time_budget: float | None = None, critic=None) -> int:
     """Steps [start_step, end_step) (or until time_budget seconds). Returns the last finished step."""
     t0 = time.perf_counter()
     step = start_step
     while step < end_step:
-        m = rl_step(step, cfg, engine, workflow, trainer, train_samples)
+        m = rl_step(step, cfg, engine, workflow, trainer, train_samples, critic=critic)
         step += 1
         if on_step:
             on_step(step, m)

@@ -10,6 +10,7 @@ from thinkrl.eval.evaluate import evaluate
 from thinkrl.system.rundir import RunDir, load_trainer_state, load_weights_into
 from thinkrl.system.setup import build_run, make_inference_engine, make_workflow
 from thinkrl.system.sync import run_sync
+from thinkrl.train.critic import Critic
 from thinkrl.train.engine import TrainEngine
 from thinkrl.train.sft import build_sft_examples, run_sft
 
@@ -36,6 +37,7 @@ def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, 
     cfg.save(rundir.path / "config.yaml")
     run = run or build_run(cfg)
     trainer = TrainEngine(run.model, cfg.train, cfg.algo, autocast_bf16=cfg.model.autocast_bf16)
+    critic = Critic.maybe_create(cfg, run)  # value model for algo.advantage=gae, else None
     start = 0
     if resume:
         ckpt = rundir.last_checkpoint()
@@ -60,7 +62,7 @@ def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, 
         if cfg.train.save_every and step % cfg.train.save_every == 0:
             rundir.save_checkpoint(step, run.model, run.tokenizer, trainer)
 
-    last = run_sync(cfg, engine, workflow, trainer, run.train_samples, start, cfg.train.steps, on_step, time_budget)
+    last = run_sync(cfg, engine, workflow, trainer, run.train_samples, start, cfg.train.steps, on_step, time_budget, critic=critic)
     bar.close()
     rundir.save_checkpoint(last, run.model, run.tokenizer, trainer)
     final = run_eval(cfg, engine, run)
@@ -78,7 +80,7 @@ def train_sft(cfg, run=None, rundir: RunDir | None = None, steps: int | None = N
     total = steps if steps is not None else cfg.train.sft_steps
     if trainer is None:
         trainer = TrainEngine(run.model, cfg.train, cfg.algo, lr=cfg.train.sft_lr, total_steps=total,
-                              autocast_bf16=cfg.model.autocast_bf16)
+                              autocast_bf16=cfg.model.autocast_bf16, warmup_steps=cfg.train.sft_warmup_steps)
     examples = build_sft_examples(run.tokenizer, run.task, run.train_samples, seed=cfg.run.seed)
     bar = _progress(None if time_budget else total, 0, "sft", cfg.log.progress)
 

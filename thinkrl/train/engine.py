@@ -47,17 +47,28 @@ def split_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
 
 
 class TrainEngine:
-    def __init__(self, model, tcfg, acfg, lr: float | None = None, total_steps: int | None = None, autocast_bf16: bool = False):
+    def __init__(self, model, tcfg, acfg, lr: float | None = None, total_steps: int | None = None, autocast_bf16: bool = False,
+                 warmup_steps: int | None = None, dist=None):
         self.model, self.tcfg, self.acfg = model, tcfg, acfg
+        # data parallel (thinkrl.train.distributed): the context of init_distributed, None in one process
+        from thinkrl.train.distributed import current
+
+        self.dist = dist if dist is not None else current()
+        self.world_size, self.rank = (self.dist.world_size, self.dist.rank) if self.dist else (1, 0)
+        if self.dist:
+            if not tcfg.packing:
+                raise ValueError("train.packing=false: data-parallel training needs packed micro-batches")
+            self.dist.share("init", tcfg, acfg, lr, total_steps, autocast_bf16, warmup_steps)
+            self.model = self.dist.wrap(model)  # DDP / FSDP2, before the optimizer sees the parameters
         self.device = next(model.parameters()).device
         self.version = 0
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params, lr=lr if lr is not None else acfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay,
             fused=self.device.type == "cuda",
         )
         total = total_steps if total_steps is not None else tcfg.steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(tcfg.lr_schedule, tcfg.warmup_steps, total))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(tcfg.lr_schedule, tcfg.warmup_steps if warmup_steps is None else warmup_steps, total))
         self.autocast = autocast_bf16 and (self.device.type in ("cuda", "cpu"))
 
     # ------------------------------------------------------------------ forward
@@ -70,7 +81,8 @@ class TrainEngine:
             from thinkrl.train.packing import Seq, make_micro_batches
 
             seqs = [s if hasattr(s, "tokens") else Seq(tokens=list(s)) for s in seqs]
-            mbs = make_micro_batches(seqs, self.tcfg.max_tokens_per_mb, share_prompt=share_prompt)
+            mbs = make_micro_batches(seqs, self.tcfg.max_tokens_per_mb, share_prompt=share_prompt,
+                                     world_size=self.world_size, rank=self.rank)  # this rank's share
             return [(mb.seq_index, mb) for mb in mbs]
         toks = [s.tokens if hasattr(s, "tokens") else s for s in seqs]
         return [(g, [toks[i] for i in g]) for g in split_by_tokens([len(t) for t in toks], self.tcfg.max_tokens_per_mb)]
@@ -111,17 +123,21 @@ class TrainEngine:
 
     @torch.no_grad()
     def logprobs(self, trajs: list[Trajectory]) -> list[list[float]]:
+        if self.dist:
+            (trajs,) = self.dist.share("logprobs", trajs)
         res: list[list[float]] = [None] * len(trajs)  # type: ignore
         for group, mb in self.micro_batches(trajs, share_prompt=self.tcfg.share_prompt):
             lps, _ = self.forward(mb)
             for i, lp in zip(group, lps):
                 res[i] = lp.tolist()
-        return res
+        return self.dist.gather_logprobs(res) if self.dist else res
 
     # ------------------------------------------------------------------ RL step
     def step(self, batch: Batch, old_logprobs: list[list[float]] | None = None) -> dict[str, float]:
         """One optimizer step on the batch (ppo_epochs passes of micro-batches if > 1)."""
         t0 = time.perf_counter()
+        if self.dist:  # rank 0 hands the batch to the serving ranks; every rank then takes its micro-batches
+            batch, old_logprobs = self.dist.share("step", batch, old_logprobs)
         trajs = batch.trajectories
         loss_fn = get_loss(self.acfg.loss)
         old = old_logprobs if old_logprobs is not None else [t.logprobs for t in trajs]
@@ -133,7 +149,9 @@ class TrainEngine:
         for _ in range(self.acfg.ppo_epochs):
             self.optimizer.zero_grad(set_to_none=True)
             per_mb = []
-            for group, mb in mbs:
+            for j, (group, mb) in enumerate(mbs):
+                if self.dist:
+                    self.dist.grad_sync(self.model, j == len(mbs) - 1)
                 lps, ents = self.forward(mb, with_entropy=True)
                 cat = lambda xs: torch.cat([torch.as_tensor(x, dtype=torch.float32) for x in xs]).to(self.device)  # noqa: E731
                 inp = LossInput(
@@ -149,14 +167,14 @@ class TrainEngine:
                     max_len=float(max_len),
                 )
                 loss, m = loss_fn(inp, self.acfg)
-                loss.backward()
+                (loss * self.world_size).backward()  # ranks' gradients are averaged: see train/distributed.py
                 per_mb.append(m)
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip or float("inf"))
             self.optimizer.step()
             self.scheduler.step()
         self.version += 1
-        out = reduce_metrics(per_mb)  # metrics of the last epoch
-        out["grad/norm"] = float(gnorm)
+        out = self.dist.reduce_metrics(per_mb) if self.dist else reduce_metrics(per_mb)  # metrics of the last epoch
+        out["grad/norm"] = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
         out["lr"] = self.scheduler.get_last_lr()[0]
         out["perf/train_seconds"] = time.perf_counter() - t0
         out["perf/train_tokens"] = float(sum(len(t.tokens) for t in trajs))
@@ -173,22 +191,35 @@ class TrainEngine:
             lps, _ = self.forward(mb)
             mask = torch.cat([torch.tensor(examples[i][1], dtype=torch.float32) for i in group]).to(self.device)
             loss = -(torch.cat(lps) * mask).sum() / max(num_tokens, 1.0)
-            loss.backward()
+            (loss * self.world_size).backward()
             total += float(loss.detach())
+        total = self.dist.sum(total) if self.dist else total
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip or float("inf"))
         self.optimizer.step()
         self.scheduler.step()
         self.version += 1
-        return {"loss/sft": total, "grad/norm": float(gnorm), "lr": self.scheduler.get_last_lr()[0]}
+        return {"loss/sft": total, "grad/norm": float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm),
+                "lr": self.scheduler.get_last_lr()[0]}
 
     # ------------------------------------------------------------------ weights & state
     def export_weights(self) -> dict[str, torch.Tensor]:
+        if self.dist:  # full weights on rank 0, {} elsewhere
+            self.dist.share("export_weights")
+            return self.dist.export(self.model)
         return {k: v.detach() for k, v in self.model.state_dict().items()}
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "version": self.version}
+        if self.dist:
+            self.dist.share("state_dict")
+        optim = self.dist.optimizer_state(self.model, self.optimizer) if self.dist else self.optimizer.state_dict()
+        return {"optimizer": optim, "scheduler": self.scheduler.state_dict(), "version": self.version}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Data parallel: called on rank 0 after its model got the checkpoint's weights; every rank gets both."""
+        if self.dist:
+            (state,) = self.dist.share("load_state_dict", state)
+            self.dist.load(self.model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.version = state["version"]
