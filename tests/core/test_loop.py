@@ -12,7 +12,7 @@ from thinkrl.system.train import train_rl
 TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
         "model.intermediate_size=64", "data.num_train=200", "data.num_eval=16", "rollout.n=4",
         "rollout.batch_prompts=4", "rollout.max_new_tokens=12", "eval.k=2", "log.progress=false",
-        "rollout.engine=hf", "algo.lr=0.01", "run.threads=1"]
+        "algo.lr=0.01", "run.threads=1"]
 
 
 def _cfg(out, *extra):
@@ -38,12 +38,13 @@ def test_train_writes_run_dir(tmp_path):
     AutoModelForCausalLM.from_pretrained(ckpt)  # plain transformers loads the checkpoint
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("engine", ["embedded", "hf"])
+def test_resume_continues_exactly(tmp_path, engine):
     straight = tmp_path / "a"
-    train_rl(_cfg(straight, "train.steps=3"))
+    train_rl(_cfg(straight, "train.steps=3", f"rollout.engine={engine}"))
     interrupted = tmp_path / "b"
-    train_rl(_cfg(interrupted, "train.steps=1", "train.save_every=1"))
-    train_rl(_cfg(interrupted, "train.steps=3"), resume=True)
+    train_rl(_cfg(interrupted, "train.steps=1", "train.save_every=1", f"rollout.engine={engine}"))
+    train_rl(_cfg(interrupted, "train.steps=3", f"rollout.engine={engine}"), resume=True)
     recs = [json.loads(x) for x in (interrupted / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3]
     wa, wb = _weights(straight / "checkpoints" / "step_000003"), _weights(interrupted / "checkpoints" / "step_000003")

@@ -30,7 +30,6 @@ import asyncio
 import concurrent.futures
 import heapq
 import logging
-import random
 import threading
 from collections import deque
 from collections.abc import Mapping
@@ -119,7 +118,6 @@ class EmbeddedEngine:
         self._free = list(range(max_seqs))
         self._reserved = self._ticks = self._n_filtered = self._n_stopstr = 0
         self.peak_running = self.compactions = 0
-        self._rng = random.Random()
         self._cv = threading.Condition()
         self._step_lock = threading.RLock()
         self._paused = self._closed = self._cancel_pending = False
@@ -234,7 +232,9 @@ class EmbeddedEngine:
             raise ValueError(f"SamplingParams.max_new_tokens: one sequence needs {req.need} tokens, more than "
                              f"max_tokens ({self.max_tokens})")
         req.window = max((len(s) for s in params.stop), default=0) + 8
-        base = self._rng.getrandbits(32) if params.seed is None else params.seed & _M32
+        # unseeded requests draw their seed from torch's global RNG: torch.manual_seed(run.seed) and the
+        # RNG state saved in checkpoints then make sampling (and resume) reproducible
+        base = int(torch.randint(0, 2**31 - 1, (1,)).item()) if params.seed is None else params.seed & _M32
         req.seqs = [_Seq(req, (base ^ ((i + 1) * 0x9E3779B9)) & _M32) for i in range(n)]
         req.left = n
         return req

@@ -31,6 +31,10 @@ def run_eval(cfg, engine, run, k: int | None = None) -> dict:
                     k=cfg.eval.k if k is None else k, temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size)
 
 
+def _extra(critic) -> dict:
+    return {"critic": critic.state_dict()} if critic is not None else {}
+
+
 def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, time_budget: float | None = None) -> dict:
     """RL from cfg (model from cfg.run.init_from or cfg.model). Returns the final eval metrics."""
     rundir = rundir or RunDir(cfg.run.output_dir)
@@ -45,6 +49,8 @@ def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, 
             raise ValueError(f"--resume: no checkpoint in {rundir.ckpt_root}")
         load_weights_into(run.model, ckpt)
         state = load_trainer_state(ckpt, trainer)
+        if critic is not None and "critic" in state.get("extra", {}):
+            critic.load_state_dict(state["extra"]["critic"])
         start = state["step"]
         rundir.truncate_metrics(start)
     engine = make_inference_engine(cfg, run.model, run.tokenizer, version=trainer.version)
@@ -60,11 +66,11 @@ def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, 
         bar.set_postfix(reward=f"{m['reward/mean']:.3f}", acc=f"{m['acc/mean']:.3f}", refresh=False)
         bar.update(1)
         if cfg.train.save_every and step % cfg.train.save_every == 0:
-            rundir.save_checkpoint(step, run.model, run.tokenizer, trainer)
+            rundir.save_checkpoint(step, run.model, run.tokenizer, trainer, extra=_extra(critic))
 
     last = run_sync(cfg, engine, workflow, trainer, run.train_samples, start, cfg.train.steps, on_step, time_budget, critic=critic)
     bar.close()
-    rundir.save_checkpoint(last, run.model, run.tokenizer, trainer)
+    rundir.save_checkpoint(last, run.model, run.tokenizer, trainer, extra=_extra(critic))
     final = run_eval(cfg, engine, run)
     final["steps"] = last
     (rundir.path / "eval.json").write_text(json.dumps(final, indent=2))
