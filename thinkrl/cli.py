@@ -54,10 +54,11 @@ def cmd_train(argv: list[str]) -> int:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run.output_dir")
     a = p.parse_intermixed_args(argv)
     cfg = _load(a)
-    from thinkrl.system.train import train_rl
+    from thinkrl.train.distributed import run_train
 
-    res = train_rl(cfg, resume=a.resume)
-    print(json.dumps(res))
+    res = run_train(cfg, resume=a.resume)  # train.world_size > 1: spawns the data-parallel ranks
+    if res is not None:  # under torchrun, ranks other than 0 return None
+        print(json.dumps(res))
     return 0
 
 

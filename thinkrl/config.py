@@ -95,7 +95,8 @@ class TrainConfig:
     warmup_steps: int = 0
     lr_schedule: str = "constant"  # constant | cosine | linear
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    world_size: int = 1
+    world_size: int = 1  # data-parallel ranks (gloo on CPU, NCCL on CUDA); or launch with torchrun
+    parallel: str = "ddp"  # ddp | fsdp2 (with world_size > 1)
     # SFT
     sft_steps: int = 1000
     sft_lr: float = 3e-3
@@ -302,6 +303,7 @@ def validate(cfg: Config) -> Config:
     need(cfg.train.sft_batch_size >= 1, "train.sft_batch_size", "must be >= 1")
     need(len(cfg.train.betas) == 2 and all(0 <= b < 1 for b in cfg.train.betas), "train.betas", "must be two numbers in [0, 1)")
     one_of("train.lr_schedule", ["constant", "cosine", "linear"])
+    one_of("train.parallel", ["ddp", "fsdp2"])
     one_of("model.dtype", ["float32", "bfloat16", "float16"])
     need(cfg.model.num_heads % max(cfg.model.num_kv_heads, 1) == 0, "model.num_kv_heads", "must divide model.num_heads")
     need(cfg.model.hidden_size % cfg.model.num_heads == 0, "model.hidden_size", "must be a multiple of model.num_heads")

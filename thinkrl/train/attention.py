@@ -82,15 +82,28 @@ def varlen_attention(module, query, key, value, spans: Spans, scaling: float | N
         out = flash(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=dropout, softmax_scale=scaling, causal=True)
         return out.unsqueeze(0)
     n_rep = query.shape[1] // key.shape[1]
+    bounds = spans.bounds
+    # One split per tensor (its backward is a single cat). Slicing per segment instead makes every
+    # segment's backward write a zero tensor the size of the whole stream: quadratic in the segments.
+    contiguous = bounds[0][0] == 0 and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:])) \
+        and bounds[-1][1] == query.shape[2]
+    if contiguous:
+        lens = [e - s for s, e, _, _ in bounds]
+        qs, ks, vs = (torch.split(t, lens, dim=2) for t in (query, key, value))
+        seg_of = {(s, e): i for i, (s, e, _, _) in enumerate(bounds)}
     outs = []
-    for s, e, ps, pe in spans.bounds:
-        q = query[:, :, s:e]
-        if pe > ps:  # own tokens causally, the shared prefix fully: a bottom-right causal mask
-            k = torch.cat([key[:, :, ps:pe], key[:, :, s:e]], dim=2)
-            v = torch.cat([value[:, :, ps:pe], value[:, :, s:e]], dim=2)
-            mask = torch.ones(e - s, pe - ps + e - s, dtype=torch.bool, device=q.device).tril(pe - ps)
+    for i, (s, e, ps, pe) in enumerate(bounds):
+        if contiguous:
+            q, k, v = qs[i], ks[i], vs[i]
+            j = seg_of.get((ps, pe))
+            pk, pv = (ks[j], vs[j]) if j is not None else (key[:, :, ps:pe], value[:, :, ps:pe])
         else:
-            k, v, mask = key[:, :, s:e], value[:, :, s:e], None
+            q, k, v = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
+            pk, pv = key[:, :, ps:pe], value[:, :, ps:pe]
+        mask = None
+        if pe > ps:  # own tokens causally, the shared prefix fully: a bottom-right causal mask
+            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+            mask = torch.ones(e - s, pe - ps + e - s, dtype=torch.bool, device=q.device).tril(pe - ps)
         gqa = n_rep > 1 and (mask is None or not q.is_cuda)  # CUDA's fused kernels take GQA only unmasked
         if n_rep > 1 and not gqa:
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
