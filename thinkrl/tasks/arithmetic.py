@@ -1,8 +1,9 @@
 """Synthetic column addition, the quickstart task, with an imperfect teacher.
 
-Prompt: ``347+85``. A correct answer works the columns from the right and ends in a box::
+Prompt: ``347+85`` (or ``347+085`` with ``pad: true``: fixed-width operands, every column worked). A correct
+answer works the columns from the right and ends in a box::
 
-    7+5=12 4+8+1=13 3+1=4 \\boxed{432}
+    7+5=12 4+8+1=13 3+1=4 \\boxed{432}        (padded: 7+5=12 4+8+1=13 3+0+1=4 \\boxed{432})
 
 Reward 1 if the last ``\\boxed{...}`` equals the sum exactly, else 0 (the worked steps are not graded).
 
@@ -29,9 +30,12 @@ def last_boxed(text: str) -> str | None:
     return found[-1].strip() if found else None
 
 
-def worked_solution(a: int, b: int, carries: bool = True) -> tuple[str, int]:
-    """Column addition from the right; with carries=False every carry is forgotten."""
-    da, db = str(a)[::-1], str(b)[::-1]
+def worked_solution(a: int, b: int, carries: bool = True, width: int = 0) -> tuple[str, int]:
+    """Column addition from the right; with carries=False every carry is forgotten.
+
+    `width` > 0 works every one of `width` columns (leading zeros included), as in a zero-padded prompt.
+    """
+    da, db = f"{a:0{width}d}"[::-1], f"{b:0{width}d}"[::-1]
     steps, digits, carry = [], [], 0
     for i in range(max(len(da), len(db))):
         terms = [int(s[i]) for s in (da, db) if i < len(s)]
@@ -56,13 +60,14 @@ class Arithmetic(Task):
     """Addition of two numbers of 1..max_digits digits; teacher drops carries on `drop_rate` of problems."""
 
     def __init__(self, system_prompt: str = "", min_digits: int = 1, max_digits: int = 3,
-                 drop_rate: float = 0.6, salt: str = "thinkrl", **params):
+                 drop_rate: float = 0.6, pad: bool = False, salt: str = "thinkrl", **params):
         super().__init__(system_prompt=system_prompt, **params)
         if not 1 <= min_digits <= max_digits <= 12:
             raise ValueError(f"task arithmetic: need 1 <= min_digits <= max_digits <= 12, got {min_digits}, {max_digits}")
         if not 0.0 <= drop_rate <= 1.0:
             raise ValueError(f"task arithmetic: drop_rate must be in [0, 1], got {drop_rate}")
         self.min_digits, self.max_digits, self.drop_rate, self.salt = min_digits, max_digits, drop_rate, salt
+        self.width = max_digits if pad else 0  # pad: operands written with leading zeros to a fixed width
 
     # ------------------------------------------------------------------ data
     def _operand(self, rng: random.Random) -> int:
@@ -74,7 +79,8 @@ class Arithmetic(Task):
         out = []
         for i in range(n):
             a, b = self._operand(rng), self._operand(rng)
-            out.append(Sample(id=f"{seed}-{i}", prompt=f"{a}+{b}", answer=a + b, meta={"a": a, "b": b}))
+            w = self.width
+            out.append(Sample(id=f"{seed}-{i}", prompt=f"{a:0{w}d}+{b:0{w}d}", answer=a + b, meta={"a": a, "b": b}))
         return out
 
     # ------------------------------------------------------------------ reward
@@ -89,7 +95,7 @@ class Arithmetic(Task):
 
     def demonstration(self, sample: Sample, rng=None) -> str:
         a, b = sample.meta["a"], sample.meta["b"]
-        return worked_solution(a, b, carries=not self.teacher_drops(a, b))[0]
+        return worked_solution(a, b, carries=not self.teacher_drops(a, b), width=self.width)[0]
 
     def teacher_accuracy(self, samples: list[Sample]) -> float:
         return sum(self.reward(self.demonstration(s), s) for s in samples) / max(len(samples), 1)
