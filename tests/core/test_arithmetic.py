@@ -45,3 +45,11 @@ def test_generator_is_seeded_and_params_checked():
         make_task("arithmetic", {"max_digitz": 3})
     with pytest.raises(ValueError, match="drop_rate"):
         make_task("arithmetic", {"drop_rate": 2})
+
+
+def test_padded_prompts_work_every_column():
+    t = make_task("arithmetic", {"pad": True, "max_digits": 3})
+    s = [x for x in t.generate(200, 5) if x.meta["a"] < 10 and x.meta["b"] < 10][0]
+    assert len(s.prompt) == 7 and s.prompt[3] == "+"
+    demo = worked_solution(s.meta["a"], s.meta["b"], width=3)[0]
+    assert demo.count("=") == 3 and t.reward(demo, s) == 1.0
