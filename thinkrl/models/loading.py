@@ -77,3 +77,6 @@ def load_checkpoint(path: str, device: torch.device | str = "cpu", dtype: str = 
     tok = load_tokenizer(str(p))
     model = AutoModelForCausalLM.from_pretrained(str(p), dtype=resolve_dtype(dtype)).to(device)
     return model, tok
+
+
+from thinkrl.models import smollm2 as _smollm2  # noqa: E402,F401  (registers "smollm2-135m"; imports nothing heavy)

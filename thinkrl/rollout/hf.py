@@ -69,8 +69,13 @@ class HFEngine:
                 if x in stops:
                     finish, end = "stop", t + 1
                     break
-            if finish == "length" and params.stop and end < params.max_new_tokens:
-                finish = "stop"  # ended early on a stop string
+            if params.stop:  # cut at the first stop string (HF stops the batch, not each row)
+                text = ""
+                for t, x in enumerate(toks[:end]):
+                    text += tok.decode([x])
+                    if any(st in text for st in params.stop):
+                        finish, end = "stop", t + 1
+                        break
             toks = toks[:end]
             gens.append(Generation(tokens=toks, logprobs=logp[i, :end].tolist(), versions=[self.version] * end, finish=finish))
         return gens

@@ -10,7 +10,7 @@ import torch
 
 from thinkrl.data import load_task_data
 from thinkrl.device import resolve_device, set_threads
-from thinkrl.models.loading import load_checkpoint, load_policy
+from thinkrl.models.loading import NAMED_MODELS, load_checkpoint, load_policy
 from thinkrl.rollout.workflow import SingleTurnWorkflow
 from thinkrl.tasks import make_task
 from thinkrl.types import SamplingParams
@@ -66,7 +66,11 @@ def build_run(cfg, model_dir: str | None = None) -> Run:
     device = resolve_device(cfg.run.device)
     task = make_task(cfg.task.name, cfg.task.params, cfg.task.system_prompt)
     src = model_dir or cfg.run.init_from
-    if src:
+    if src and (src == "micro" or src in NAMED_MODELS):  # a model name, not a directory
+        import dataclasses
+
+        model, tok = load_policy(dataclasses.replace(cfg.model, path=src), device=device, seed=cfg.run.seed)
+    elif src:
         model, tok = load_checkpoint(src, device=device, dtype=cfg.model.dtype)
     else:
         model, tok = load_policy(cfg.model, device=device, seed=cfg.run.seed)
@@ -74,8 +78,14 @@ def build_run(cfg, model_dir: str | None = None) -> Run:
     return Run(cfg, device, model, tok, task, train, ev)
 
 
-def make_workflow(cfg, run: Run, scorer=None) -> SingleTurnWorkflow:
-    return SingleTurnWorkflow(run.task, run.tokenizer, sampling_params(cfg, run.tokenizer), cfg.rollout.n, scorer=scorer)
+def make_workflow(cfg, run: Run, scorer=None):
+    """Tool-using tasks (with `task.tools`) get the multi-turn workflow, the rest single-turn episodes."""
+    params = sampling_params(cfg, run.tokenizer)
+    if getattr(run.task, "tools", None):
+        from thinkrl.rollout.multiturn import ToolWorkflow
+
+        return ToolWorkflow(run.task, run.tokenizer, params, cfg.rollout.n, scorer=scorer)
+    return SingleTurnWorkflow(run.task, run.tokenizer, params, cfg.rollout.n, scorer=scorer)
 
 
 def output_dir(cfg, override: str | None = None) -> Path:

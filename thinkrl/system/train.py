@@ -1,6 +1,7 @@
 """`thinkrl train` and `thinkrl sft`: full runs with a run directory, metrics, checkpoints and resume."""
 from __future__ import annotations
 
+import copy
 import json
 import time
 
@@ -40,20 +41,37 @@ def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, 
     rundir = rundir or RunDir(cfg.run.output_dir)
     cfg.save(rundir.path / "config.yaml")
     run = run or build_run(cfg)
-    trainer = TrainEngine(run.model, cfg.train, cfg.algo, autocast_bf16=cfg.model.autocast_bf16)
-    critic = Critic.maybe_create(cfg, run)  # value model for algo.advantage=gae, else None
-    start = 0
+    ckpt = None
     if resume:
         ckpt = rundir.last_checkpoint()
         if ckpt is None:
             raise ValueError(f"--resume: no checkpoint in {rundir.ckpt_root}")
         load_weights_into(run.model, ckpt)
-        state = load_trainer_state(ckpt, trainer)
+    # LoRA: the trainer optimises adapters on a wrapped policy; the engine and the checkpoints get plain
+    # merged weights (`engine_model`). Resuming a LoRA run restarts the adapters from the merged weights.
+    policy = engine_model = run.model
+    if cfg.model.lora_r > 0:
+        from thinkrl.models.lora import apply_lora
+
+        engine_model = copy.deepcopy(run.model)
+        policy = apply_lora(run.model, cfg.model)
+    trainer = TrainEngine(policy, cfg.train, cfg.algo, autocast_bf16=cfg.model.autocast_bf16)
+    critic = Critic.maybe_create(cfg, run)  # value model for algo.advantage=gae, else None
+    start = 0
+    if ckpt is not None:
+        state = load_trainer_state(ckpt, trainer if cfg.model.lora_r == 0 else None)
+        trainer.version = state.get("trainer", {}).get("version", trainer.version)
         if critic is not None and "critic" in state.get("extra", {}):
             critic.load_state_dict(state["extra"]["critic"])
         start = state["step"]
         rundir.truncate_metrics(start)
-    engine = make_inference_engine(cfg, run.model, run.tokenizer, version=trainer.version)
+
+    def save(step: int) -> None:
+        if engine_model is not policy:
+            engine_model.load_state_dict(trainer.export_weights())
+        rundir.save_checkpoint(step, engine_model, run.tokenizer, trainer, extra=_extra(critic))
+
+    engine = make_inference_engine(cfg, engine_model, run.tokenizer, version=trainer.version)
     workflow = make_workflow(cfg, run)
     bar = _progress(cfg.train.steps, start, "rl", cfg.log.progress)
     t0 = time.perf_counter()
@@ -66,11 +84,11 @@ def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, 
         bar.set_postfix(reward=f"{m['reward/mean']:.3f}", acc=f"{m['acc/mean']:.3f}", refresh=False)
         bar.update(1)
         if cfg.train.save_every and step % cfg.train.save_every == 0:
-            rundir.save_checkpoint(step, run.model, run.tokenizer, trainer, extra=_extra(critic))
+            save(step)
 
     last = run_sync(cfg, engine, workflow, trainer, run.train_samples, start, cfg.train.steps, on_step, time_budget, critic=critic)
     bar.close()
-    rundir.save_checkpoint(last, run.model, run.tokenizer, trainer, extra=_extra(critic))
+    save(last)
     final = run_eval(cfg, engine, run)
     final["steps"] = last
     (rundir.path / "eval.json").write_text(json.dumps(final, indent=2))

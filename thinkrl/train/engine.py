@@ -206,7 +206,9 @@ class TrainEngine:
         if self.dist:  # full weights on rank 0, {} elsewhere
             self.dist.share("export_weights")
             return self.dist.export(self.model)
-        return {k: v.detach() for k, v in self.model.state_dict().items()}
+        from thinkrl.models.lora import merged_state_dict  # plain models: their own state dict
+
+        return merged_state_dict(self.model)
 
     def state_dict(self) -> dict:
         if self.dist:
