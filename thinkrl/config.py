@@ -73,7 +73,10 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     mode: str = "sync"  # sync | async
-    max_staleness: int = 0  # async staleness bound eta
+    max_staleness: int = 0  # async staleness bound eta (0: exactly the sync loop)
+    placement: str = "auto"  # async: inline (engine in this process) | process (its own process) | auto
+    weight_sync: str = "auto"  # async: auto | memory | shm | disk | dist | engine
+    engine_threads: int = 1  # async with an engine process: its torch threads
     servers: list[str] = field(default_factory=list)  # remote engine: base URLs
     server_api: str = "sglang"  # sglang | openai
     max_concurrency: int = 64  # remote engine: sequences in flight per server
@@ -131,6 +134,19 @@ class RunConfig:
 
 
 @dataclass
+class ClusterConfig:
+    backend: str = "local"  # local | ray
+    address: str = ""  # ray: cluster address ("" starts a local Ray instance; "auto" joins a running one)
+    num_engines: int = 1
+    engine_cpus: float = 1.0
+    engine_gpus: float = 0.0
+    trainer_cpus: float = 1.0
+    trainer_gpus: float = 0.0
+    placement: str = "PACK"  # Ray placement-group strategy: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    num_cpus: int = 0  # local Ray instance: CPUs to offer (0: the bundles' total)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -141,6 +157,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -289,6 +306,12 @@ def validate(cfg: Config) -> Config:
     one_of("rollout.server_api", ["sglang", "openai"])
     one_of("rollout.engine", ["embedded", "hf", "remote"])
     one_of("rollout.pause_mode", ["abort", "wait"])
+    one_of("rollout.placement", ["auto", "inline", "process"])
+    one_of("rollout.weight_sync", ["auto", "memory", "shm", "disk", "dist", "engine"])
+    need(cfg.rollout.engine_threads >= 1, "rollout.engine_threads", "must be >= 1")
+    one_of("cluster.backend", ["local", "ray"])
+    one_of("cluster.placement", ["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
+    need(cfg.cluster.num_engines >= 1, "cluster.num_engines", "must be >= 1")
     need(cfg.rollout.engine != "remote" or bool(cfg.rollout.servers), "rollout.servers", "must list at least one server URL with rollout.engine=remote")
     need(cfg.algo.lr > 0, "algo.lr", "must be > 0")
     need(cfg.algo.clip_low >= 0, "algo.clip_low", "must be >= 0")

@@ -16,6 +16,8 @@ is/behav_masked_frac, kl/mean, entropy/mean.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 
 import torch
@@ -213,3 +215,11 @@ def value_loss(
     n = max(float(num_tokens), 1.0)
     loss = 0.5 * (l * mask).sum() / n
     return loss, {"loss/value": float(loss.detach()), "value/clip_frac": float((clipped.to(mask.dtype) * mask).sum()) / n}
+
+
+@register_loss("decoupled_ppo_inline")
+def decoupled_ppo_inline(inp: LossInput, cfg):
+    """`decoupled_ppo` whose proximal policy is the weights before this optimizer step, its log-probs taken from
+    the step's own forward (detached) instead of a separate no-grad pass: the same loss and gradient when the
+    batch gets one optimizer step (algo.ppo_epochs = 1), one forward pass cheaper. inp.old_logp is unused."""
+    return decoupled_ppo(dataclasses.replace(inp, old_logp=inp.logp.detach()), cfg)

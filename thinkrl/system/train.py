@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from thinkrl.eval.evaluate import evaluate
 from thinkrl.system.rundir import RunDir, load_trainer_state, load_weights_into
 from thinkrl.system.setup import build_run, make_inference_engine, make_workflow
-from thinkrl.system.sync import run_sync
+from thinkrl.system.async_ import run_rl  # sync, async (staleness-bounded) or Ray, per the config
 from thinkrl.train.critic import Critic
 from thinkrl.train.engine import TrainEngine
 from thinkrl.train.sft import build_sft_examples, run_sft
@@ -86,7 +86,7 @@ def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, 
         if cfg.train.save_every and step % cfg.train.save_every == 0:
             save(step)
 
-    last = run_sync(cfg, engine, workflow, trainer, run.train_samples, start, cfg.train.steps, on_step, time_budget, critic=critic)
+    last = run_rl(cfg, engine, workflow, trainer, run.train_samples, start, cfg.train.steps, on_step, time_budget, critic=critic)
     bar.close()
     save(last)
     final = run_eval(cfg, engine, run)
