@@ -83,10 +83,14 @@ def cmd_eval(argv: list[str]) -> int:
     a = p.parse_intermixed_args(argv)
     cfg = _load(a)
     from thinkrl.system.setup import build_run, make_inference_engine
-    from thinkrl.system.train import run_eval
+    from thinkrl.system.train import close_engine, run_eval
 
     run = build_run(cfg, model_dir=a.model)
-    res = run_eval(cfg, make_inference_engine(cfg, run.model, run.tokenizer), run)
+    engine = make_inference_engine(cfg, run.model, run.tokenizer)
+    try:
+        res = run_eval(cfg, engine, run)
+    finally:
+        close_engine(engine)
     print(json.dumps(res))
     return 0
 

@@ -11,6 +11,7 @@ import torch
 
 from thinkrl.algo.advantages import gae_returns
 from thinkrl.algo.filters import group_metrics, uniform_groups
+from thinkrl.algo.kl import kl_in_reward
 from thinkrl.algo.registry import get_advantage
 from thinkrl.algo.shaping import apply_length_shaping, shape_rewards
 from thinkrl.types import Batch, Trajectory
@@ -35,7 +36,7 @@ def rollout_metrics(trajs: list[Trajectory], correct_threshold: float = 1.0) -> 
     return m
 
 
-def make_batch(trajs: list[Trajectory], acfg, max_new_tokens: int, values=None) -> Batch:
+def make_batch(trajs: list[Trajectory], acfg, max_new_tokens: int, values=None, ref_logprobs=None) -> Batch:
     """Shape rewards, compute per-token advantages, and return the Batch (with rollout metrics).
 
     `values`: per trajectory, V of the state before each token (`Critic.values`), for `gae`."""
@@ -46,6 +47,13 @@ def make_batch(trajs: list[Trajectory], acfg, max_new_tokens: int, values=None) 
     metrics = rollout_metrics(trajs, acfg.correct_threshold)
     r = shaped_rewards(trajs, acfg, max_new_tokens)
     mask = response_mask(trajs)
+    if acfg.kl_coef > 0 and acfg.kl_in_reward:  # KL to the reference folded into the sequence reward
+        if ref_logprobs is None:
+            raise ValueError("algo.kl_in_reward with algo.kl_coef > 0 needs reference log-probs")
+        behav = pad_values([t.logprobs for t in trajs], trajs)
+        ref = pad_values(ref_logprobs, trajs)
+        r = kl_in_reward(r, behav, ref, mask, acfg.kl_coef, acfg.kl_estimator)
+        metrics["kl/reward_penalty_mean"] = float((shaped_rewards(trajs, acfg, max_new_tokens) - r).mean())
     adv = get_advantage(acfg.advantage)(r, gidx, mask, acfg, *([] if values is None else [pad_values(values, trajs)]))
     keep = torch.ones(len(trajs), dtype=torch.bool)
     if acfg.mask_uniform_groups:

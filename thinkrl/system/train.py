@@ -32,6 +32,13 @@ def run_eval(cfg, engine, run, k: int | None = None) -> dict:
                     k=cfg.eval.k if k is None else k, temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size)
 
 
+def close_engine(engine) -> None:
+    """Stop an engine's worker thread/process (an engine left running can abort the interpreter at exit)."""
+    close = getattr(engine, "close", None)
+    if callable(close):
+        close()
+
+
 def _extra(critic) -> dict:
     return {"critic": critic.state_dict()} if critic is not None else {}
 
@@ -91,6 +98,7 @@ def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, 
     save(last)
     final = run_eval(cfg, engine, run)
     final["steps"] = last
+    close_engine(engine)
     (rundir.path / "eval.json").write_text(json.dumps(final, indent=2))
     return final
 

@@ -70,6 +70,14 @@ class TrainEngine:
         total = total_steps if total_steps is not None else tcfg.steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(tcfg.lr_schedule, tcfg.warmup_steps if warmup_steps is None else warmup_steps, total))
         self.autocast = autocast_bf16 and (self.device.type in ("cuda", "cpu"))
+        # KL to a reference policy (algo.kl_coef > 0): a frozen copy of the starting weights; none otherwise
+        self.ref_model = None
+        if acfg.kl_coef > 0:
+            if self.dist:
+                raise ValueError("algo.kl_coef > 0 is not supported with train.world_size > 1 yet")
+            import copy
+
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ forward
     def _amp(self):
@@ -133,7 +141,19 @@ class TrainEngine:
         return self.dist.gather_logprobs(res) if self.dist else res
 
     # ------------------------------------------------------------------ RL step
-    def step(self, batch: Batch, old_logprobs: list[list[float]] | None = None) -> dict[str, float]:
+    @torch.no_grad()
+    def ref_logprobs(self, trajs: list[Trajectory]) -> list[list[float]]:
+        """Log-probs of the reference policy (the frozen starting weights), for the KL term."""
+        if self.ref_model is None:
+            raise ValueError("ref_logprobs: no reference model (algo.kl_coef is 0)")
+        live, self.model = self.model, self.ref_model
+        try:
+            return self.logprobs(trajs)
+        finally:
+            self.model = live
+
+    def step(self, batch: Batch, old_logprobs: list[list[float]] | None = None,
+             ref_logprobs: list[list[float]] | None = None) -> dict[str, float]:
         """One optimizer step on the batch (ppo_epochs passes of micro-batches if > 1)."""
         t0 = time.perf_counter()
         if self.dist:  # rank 0 hands the batch to the serving ranks; every rank then takes its micro-batches
@@ -163,6 +183,7 @@ class TrainEngine:
                     num_tokens=num_tokens,
                     num_seqs=num_seqs,
                     behav_logp=cat([trajs[i].logprobs for i in group]),
+                    ref_logp=cat([ref_logprobs[i] for i in group]) if ref_logprobs is not None else None,
                     entropy=torch.cat(ents) if self.acfg.entropy_coef > 0 else torch.cat(ents).detach(),
                     max_len=float(max_len),
                 )

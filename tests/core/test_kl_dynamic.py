@@ -1,0 +1,47 @@
+"""KL to a reference policy (in the loss and in the reward) and DAPO dynamic sampling, through train_rl."""
+import json
+
+import pytest
+
+from thinkrl.config import load_config
+from thinkrl.tasks.arithmetic import Arithmetic
+from thinkrl.system.train import train_rl
+
+TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
+        "model.intermediate_size=64", "data.num_train=200", "data.num_eval=8", "rollout.n=4",
+        "rollout.batch_prompts=3", "rollout.max_new_tokens=10", "eval.k=0", "log.progress=false",
+        "algo.lr=0.01", "run.threads=1", "train.steps=2", "task.name=test_kl_dynamic:DigitShare"]
+
+
+class DigitShare(Arithmetic):
+    """Arithmetic prompts with a dense toy reward (random micro models never solve them): the share of digits."""
+
+    def reward(self, response, sample):
+        return sum(c.isdigit() for c in response) / max(len(response), 1)
+
+
+def _metrics(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("in_reward", [False, True])
+def test_kl_to_reference(tmp_path, in_reward):
+    cfg = load_config(None, TINY + ["algo.kl_coef=0.5", f"algo.kl_in_reward={str(in_reward).lower()}",
+                                     f"run.output_dir={tmp_path}"])
+    train_rl(cfg)
+    recs = _metrics(tmp_path)
+    # step 1 is on-policy from the reference weights: KL 0; after one update the policy has moved
+    key = "kl/reward_penalty_mean" if in_reward else "kl/mean"
+    assert abs(recs[0][key]) < 1e-4
+    assert recs[1][key] > 1e-6
+
+
+def test_dynamic_sampling_fills_the_batch_with_informative_groups(tmp_path):
+    cfg = load_config(None, TINY + ["algo.dynamic_sampling=true", "algo.dynamic_max_rounds=3",
+                                     f"run.output_dir={tmp_path}"])
+    train_rl(cfg)
+    for r in _metrics(tmp_path):
+        assert 1 <= r["dynamic/rounds"] <= 3
+        assert r["group/num"] == 3  # the batch holds batch_prompts groups whatever the rounds
+        if r["dynamic/informative_groups"] >= 3:
+            assert r["group/uniform_frac"] == 0.0
