@@ -23,6 +23,8 @@ import json
 import sys
 from pathlib import Path
 
+from thinkrl.rollout.base import generate_all
+
 HELP = "offline difficulty filter by pass rate (Light-R1)"
 
 
@@ -109,17 +111,6 @@ def load_data(spec: str, task, cfg) -> tuple[list, list[dict]]:
 # ----------------------------------------------------------------------------- sampling
 
 
-def _generate(engine, prompts, params, n):
-    if hasattr(engine, "generate_batch"):
-        return engine.generate_batch(prompts, params, n)
-    import asyncio
-
-    async def go():
-        return await asyncio.gather(*[engine.generate(p, params, n) for p in prompts])
-
-    return asyncio.run(go())
-
-
 def count_correct(engine, tokenizer, task, samples, k: int, params, threshold: float = 1.0,
                   batch_size: int = 64, progress=None) -> list[int]:
     """Number of correct answers out of `k` samples, per prompt."""
@@ -129,7 +120,7 @@ def count_correct(engine, tokenizer, task, samples, k: int, params, threshold: f
     for i in range(0, len(samples), batch_size):
         chunk = samples[i : i + batch_size]
         prompts = [encode_prompt(tokenizer, task.build_prompt(s)) for s in chunk]
-        for s, gens in zip(chunk, _generate(engine, prompts, params, k)):
+        for s, gens in zip(chunk, generate_all(engine, prompts, params, k)):
             texts = [tokenizer.decode(g.tokens, skip_special_tokens=True) for g in gens]
             out.append(sum(float(task.reward(t, s)) >= threshold for t in texts))
         if progress:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from math import comb
 
 from thinkrl.data.chat import encode_prompt
+from thinkrl.rollout.base import generate_all
 from thinkrl.types import Sample, SamplingParams
 
 
@@ -14,17 +15,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - comb(n - c, k) / comb(n, k)
 
 
-def _generate(engine, prompts, params, n):
-    if hasattr(engine, "generate_batch"):
-        return engine.generate_batch(prompts, params, n)
-    import asyncio
-
-    async def go():
-        return await asyncio.gather(*[engine.generate(p, params, n) for p in prompts])
-
-    return asyncio.run(go())
-
-
 def evaluate(engine, tokenizer, task, samples: list[Sample], max_new_tokens: int, k: int = 0,
              temperature: float = 1.0, batch_size: int = 256, stop_token_ids: list[int] | None = None) -> dict:
     """Returns {"acc/greedy", "reward/greedy", and with k > 0: "acc/mean@k", "pass@k"}."""
@@ -33,7 +23,7 @@ def evaluate(engine, tokenizer, task, samples: list[Sample], max_new_tokens: int
     greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=stops)
     rewards = []
     for i in range(0, len(prompts), batch_size):
-        gens = _generate(engine, prompts[i : i + batch_size], greedy, 1)
+        gens = generate_all(engine, prompts[i : i + batch_size], greedy, 1)
         for g, s in zip(gens, samples[i : i + batch_size]):
             rewards.append(float(task.reward(tokenizer.decode(g[0].tokens, skip_special_tokens=True), s)))
     out = {
@@ -46,7 +36,7 @@ def evaluate(engine, tokenizer, task, samples: list[Sample], max_new_tokens: int
         correct, pk = [], []
         per = max(1, batch_size // k)
         for i in range(0, len(prompts), per):
-            gens = _generate(engine, prompts[i : i + per], sampled, k)
+            gens = generate_all(engine, prompts[i : i + per], sampled, k)
             for g, s in zip(gens, samples[i : i + per]):
                 c = sum(float(task.reward(tokenizer.decode(x.tokens, skip_special_tokens=True), s)) >= 1.0 for x in g)
                 correct.append(c / k)

@@ -36,3 +36,15 @@ def register_engine(name: str):
         return cls
 
     return deco
+
+
+def generate_all(engine, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> list[list[Generation]]:
+    """n samples for each prompt, blocking: the engine's `generate_batch` when it has one, else its async API."""
+    if hasattr(engine, "generate_batch"):
+        return engine.generate_batch(prompts, params, n)
+    import asyncio
+
+    async def go():
+        return await asyncio.gather(*[engine.generate(p, params, n) for p in prompts])
+
+    return asyncio.run(go())

@@ -32,8 +32,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from thinkrl.data.chat import encode_prompt
 from thinkrl.types import Generation, Sample, SamplingParams, Trajectory
+from thinkrl.rollout.workflow import SingleTurnWorkflow
 
 _MARK = "\u0001THINKRL_TOOL_SPLIT\u0001"
 _TAG = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -57,13 +57,13 @@ class _Episode:
         self.versions += list(versions) if model else [-1] * len(tokens)
 
 
-class ToolWorkflow:
+class ToolWorkflow(SingleTurnWorkflow):
     """n tool-using episodes per prompt; each is one Trajectory with the model's tokens masked in."""
 
     def __init__(self, task, tokenizer, params: SamplingParams, n: int, tools: dict[str, Callable] | None = None,
                  max_turns: int | None = None, max_total_tokens: int | None = None, mode: str = "inline",
                  result_format: str = "<result>{}</result>", max_result_chars: int = 200, scorer=None):
-        self.task, self.tokenizer, self.n, self.scorer = task, tokenizer, n, scorer
+        super().__init__(task, tokenizer, params, n, scorer=scorer)  # prompt_ids and its cache
         self.tools = dict(getattr(task, "tools", {}) if tools is None else tools)
         for name, fn in self.tools.items():
             if not isinstance(name, str) or not _TAG.match(name):
@@ -81,16 +81,8 @@ class ToolWorkflow:
         closes = [f"</{name}>" for name in self.tools]
         self.params = replace(params, stop=list(params.stop) + [c for c in closes if c not in params.stop])
         self.max_total_tokens = max_total_tokens or params.max_new_tokens * (self.max_turns + 1)
-        self._prompt_cache: dict[str, list[int]] = {}
 
     # ------------------------------------------------------------------ pieces
-    def prompt_ids(self, sample: Sample) -> list[int]:
-        ids = self._prompt_cache.get(sample.id)
-        if ids is None:
-            ids = encode_prompt(self.tokenizer, self.task.build_prompt(sample))
-            self._prompt_cache[sample.id] = ids
-        return ids
-
     def _first_close(self, text: str) -> tuple[int, str] | None:
         """(end offset, tool name) of the earliest closing tag in `text`."""
         best = None

@@ -25,6 +25,7 @@ from torch import nn
 from thinkrl.algo.losses import reduce_metrics, value_loss
 from thinkrl.train.attention import enable_packed_attention, packed_forward
 from thinkrl.train.packing import MicroBatch, make_micro_batches
+from thinkrl.train.engine import pad_right
 from thinkrl.types import Trajectory
 
 
@@ -67,14 +68,8 @@ class ValueModel(nn.Module):
         return list(v[mb.token_index].split(mb.seq_lens))
 
     def forward_padded(self, seqs: list[list[int]]) -> list[torch.Tensor]:
-        device = self.head.weight.device
-        n = max(len(s) for s in seqs)
-        ids = torch.zeros((len(seqs), n), dtype=torch.long)
-        att = torch.zeros((len(seqs), n), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            att[i, : len(s)] = 1
-        out = self.body(input_ids=ids.to(device), attention_mask=att.to(device), use_cache=False)
+        ids, att = pad_right(seqs, self.head.weight.device)
+        out = self.body(input_ids=ids, attention_mask=att, use_cache=False)
         v = self._scalar(out.last_hidden_state)  # [B, n]
         v = torch.cat([torch.zeros_like(v[:, :1]), v[:, :-1]], dim=1)
         return [v[i, : len(s)] for i, s in enumerate(seqs)]

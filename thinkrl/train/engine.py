@@ -30,6 +30,17 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return f
 
 
+def pad_right(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [B, max_len], right-padded with 0, on `device`."""
+    n = max(len(s) for s in seqs)
+    ids = torch.zeros((len(seqs), n), dtype=torch.long)
+    att = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        att[i, : len(s)] = 1
+    return ids.to(device), att.to(device)
+
+
 def split_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
     """Greedy consecutive split of sequence indices so each group's tokens fit the budget."""
     groups, cur, used = [], [], 0
@@ -107,13 +118,7 @@ class TrainEngine:
 
     def forward_logprobs(self, seqs: list[list[int]], with_entropy: bool = False):
         """Padded forward. Per-sequence tensors: logp[t] = log p(tokens[t] | tokens[:t]) (logp[0] = 0)."""
-        n = max(len(s) for s in seqs)
-        ids = torch.zeros((len(seqs), n), dtype=torch.long)
-        att = torch.zeros((len(seqs), n), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            att[i, : len(s)] = 1
-        ids, att = ids.to(self.device), att.to(self.device)
+        ids, att = pad_right(seqs, self.device)
         with self._amp():
             logits = self.model(input_ids=ids, attention_mask=att, use_cache=False).logits
         logits = logits[:, :-1].float()
