@@ -157,11 +157,16 @@ def test_versions_change_mid_sequence_across_an_update(proc, models, tok):
 
     async def run():
         task = asyncio.ensure_future(proc.generate(p, SamplingParams(max_new_tokens=200, seed=3), n=2))
-        for _ in range(4000):  # wait until the sequences have a few tokens
-            await asyncio.sleep(0.002)
+        for _ in range(8000):  # wait until the sequences have a few tokens
+            await asyncio.sleep(0.001)
             if proc.call("progress") >= 3:
                 break
-        proc.update_weights(models[1].state_dict(), 21)  # pause -> load -> resume, in the engine process
+        # Hold the engine at a token boundary first: copying the weights in takes longer than the rest of
+        # the 200 tokens on a fast machine, and the update must land mid-sequence. The update's own
+        # pause -> load -> resume then resumes it.
+        proc.pause()
+        assert 3 <= proc.call("progress") < 200
+        proc.update_weights(models[1].state_dict(), 21)
         return await task
 
     for g in asyncio.run(run()):
