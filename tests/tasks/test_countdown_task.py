@@ -53,7 +53,7 @@ def test_huge_numbers_and_exponents_are_cheap():
     assert score("<answer>2 ** 9999999999</answer>", [2, 9999999999], 4, allow_pow=True) == 0.0
     assert score("<answer>2 ** 2</answer>", [2, 2], 4, allow_pow=True) == 1.0
     assert score("<answer>" + "(" * 150 + "1" + ")" * 150 + "</answer>", [1], 1) == 0.0
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < 5.0  # the unguarded computations take hours; a loaded CI machine is slow
 
 
 def test_generated_instances_are_solvable_and_task_rewards():

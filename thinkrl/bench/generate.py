@@ -6,7 +6,9 @@ sampling settings, and both produce per-token log-probs:
 - HF: what a user would write: a left-padded batch, `generate(do_sample=True, num_return_sequences=n,
   output_logits=True, return_dict_in_generate=True)`, then log_softmax of the returned raw logits gathered at
   the sampled ids (inside the timed region).
-EOS is ignored on both sides (engine: stop_at_eos=False; HF: min_new_tokens = max_new_tokens), so every
+Each side first runs an untimed warm-up (`--warmup full`: the same workload on other prompts of the same
+lengths, the steady state of an RL loop that generates every step; `--warmup tiny`: a few tokens, so the timed
+run also pays one-time costs such as KV-cache allocation). EOS is ignored on both sides (engine: stop_at_eos=False; HF: min_new_tokens = max_new_tokens), so every
 sequence has exactly `--new-tokens` tokens. Reported: tokens/s of each and their ratio, peak memory during each
 run (RSS growth sampled every 5 ms on CPU; torch.cuda.max_memory_allocated on CUDA), the engine's log-prob
 agreement with a teacher-forced HF forward on its own samples, and the engine's achieved FLOP/s (useful
@@ -18,6 +20,7 @@ import argparse
 import os
 import threading
 import time
+from dataclasses import replace
 
 import torch
 
@@ -153,6 +156,10 @@ def bench_generate(argv: list[str]) -> dict:
     ap.add_argument("--max-seqs", type=int, default=0, help="engine slots (default: prompts x n)")
     ap.add_argument("--check-prompts", type=int, default=8, help="prompts whose samples are checked against HF")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--warmup", choices=["full", "tiny"], default="full",
+                    help="untimed run before each side's timed run: 'full' = the same workload on other prompts "
+                         "of the same lengths (steady state, as in an RL loop that generates every step), "
+                         "'tiny' = 2 prompts x 2 x 4 tokens (includes one-time costs: KV allocation, kernel setup)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -171,6 +178,11 @@ def bench_generate(argv: list[str]) -> dict:
     first = len(tok) - 100  # printable characters only (no special tokens)
     prompts = [torch.randint(first, len(tok), (int(torch.randint(lo, hi + 1, (1,), generator=g)),),
                              generator=g).tolist() for _ in range(args.prompts)]
+    # warm-up prompts: same lengths, other tokens (so the engine's prefix cache cannot help the timed run)
+    warm = [torch.randint(first, len(tok), (len(p),), generator=g).tolist() for p in prompts]
+    warm_n, warm_new = (args.n, args.new_tokens) if args.warmup == "full" else (2, 4)
+    if args.warmup == "tiny":
+        warm = warm[:2]
     n_params = sum(p.numel() for p in model.parameters())
     total = args.prompts * args.n * args.new_tokens
     print(f"model {n_params / 1e6:.2f}M params (hidden {args.hidden}, {args.layers} layers, {args.heads} heads, "
@@ -188,7 +200,7 @@ def bench_generate(argv: list[str]) -> dict:
     engine = EmbeddedEngine(model, tok, max_seqs=args.max_seqs or args.prompts * args.n,
                             max_len=hi + args.new_tokens + 8, dtype=args.dtype, stop_at_eos=False)
     with torch.inference_mode():
-        engine.generate_batch(prompts[:2], SamplingParams(max_new_tokens=4), n=2)  # warm-up
+        engine.generate_batch(warm, replace(params, max_new_tokens=warm_new), n=warm_n)  # warm-up
         with _PeakMemory(dev) as mem_e:
             t = time.perf_counter()
             groups = engine.generate_batch(prompts, params, n=args.n)
@@ -202,7 +214,8 @@ def bench_generate(argv: list[str]) -> dict:
            "engine_peak_mem_mb": mem_e.peak / 2 ** 20, "engine_flops_per_s": flops / t_engine,
            "matmul_peak_flops_per_s": peak, "flops_fraction": flops / t_engine / peak,
            "prompts": args.prompts, "n": args.n, "new_tokens": args.new_tokens, "params": n_params,
-           "threads": args.threads, "device": str(dev), "dtype": args.dtype, "loadavg_before": load}
+           "threads": args.threads, "device": str(dev), "dtype": args.dtype, "loadavg_before": load,
+           "warmup": args.warmup}
     print(f"engine: {res['engine_tokens_per_s']:.0f} tok/s ({t_engine:.2f} s), "
           f"peak mem +{res['engine_peak_mem_mb']:.0f} MB, "
           f"{res['engine_flops_per_s'] / 1e9:.1f} GFLOP/s = {res['flops_fraction']:.1%} of matmul peak")
@@ -213,7 +226,7 @@ def bench_generate(argv: list[str]) -> dict:
     if args.skip_hf:
         return res
     with torch.inference_mode():
-        _hf_generate(model, prompts[:2], tok.pad_token_id, 2, 4, args.temperature, args.top_p, args.top_k)
+        _hf_generate(model, warm, tok.pad_token_id, warm_n, warm_new, args.temperature, args.top_p, args.top_k)
         with _PeakMemory(dev) as mem_h:
             t = time.perf_counter()
             seqs, _ = _hf_generate(model, prompts, tok.pad_token_id, args.n, args.new_tokens, args.temperature,
