@@ -310,6 +310,11 @@ def validate(cfg: Config) -> Config:
     one_of("rollout.weight_sync", ["auto", "memory", "shm", "disk", "dist", "engine"])
     need(cfg.rollout.engine_threads >= 1, "rollout.engine_threads", "must be >= 1")
     one_of("cluster.backend", ["local", "ray"])
+    if cfg.algo.dynamic_sampling and (cfg.rollout.mode != "sync" or cfg.cluster.backend != "local"):
+        raise ConfigError("algo.dynamic_sampling: implemented for rollout.mode=sync with cluster.backend=local "
+                          f"only, got rollout.mode={cfg.rollout.mode!r}, cluster.backend={cfg.cluster.backend!r}")
+    if cfg.algo.kl_coef > 0 and cfg.cluster.backend != "local":
+        raise ConfigError("algo.kl_coef > 0: the Ray backend has no reference model yet; use cluster.backend=local")
     one_of("cluster.placement", ["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
     need(cfg.cluster.num_engines >= 1, "cluster.num_engines", "must be >= 1")
     need(cfg.rollout.engine != "remote" or bool(cfg.rollout.servers), "rollout.servers", "must list at least one server URL with rollout.engine=remote")

@@ -45,3 +45,29 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups(tmp_path):
         assert r["group/num"] == 3  # the batch holds batch_prompts groups whatever the rounds
         if r["dynamic/informative_groups"] >= 3:
             assert r["group/uniform_frac"] == 0.0
+
+
+@pytest.mark.parametrize("in_reward", [False, True])
+def test_kl_to_reference_in_async_mode(tmp_path, in_reward):
+    cfg = load_config(None, TINY + ["algo.kl_coef=0.5", f"algo.kl_in_reward={str(in_reward).lower()}",
+                                     "rollout.mode=async", "rollout.max_staleness=1", "rollout.placement=inline",
+                                     "train.steps=3", f"run.output_dir={tmp_path}"])
+    train_rl(cfg)
+    recs = _metrics(tmp_path)
+    key = "kl/reward_penalty_mean" if in_reward else "kl/mean"
+    assert abs(recs[0][key]) < 1e-4  # the first batch comes from the reference weights
+    # in the reward the penalty uses the engine's log-probs: with eta = 1 step 2 may still be sampled by the
+    # reference weights, step 3 is not
+    assert recs[2][key] > 1e-6
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["algo.dynamic_sampling=true", "rollout.mode=async"], "algo.dynamic_sampling: implemented for rollout.mode=sync"),
+    (["algo.dynamic_sampling=true", "cluster.backend=ray"], "algo.dynamic_sampling: implemented for rollout.mode=sync"),
+    (["algo.kl_coef=0.1", "cluster.backend=ray"], "the Ray backend has no reference model"),
+])
+def test_unsupported_combinations_fail_at_config_load(extra, match):
+    from thinkrl.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, TINY + extra)

@@ -326,11 +326,12 @@ def run_async(cfg, engine, workflow, trainer, train_samples, start_step: int, en
             if stale["staleness/max"] > eta:  # the buffer guarantees this; never train on it if it breaks
                 raise RuntimeError(f"staleness {stale['staleness/max']} > rollout.max_staleness={eta}")
             values = critic.values(trajs) if critic is not None else None
-            batch = make_batch(trajs, acfg, cfg.rollout.max_new_tokens, values=values)
+            ref = trainer.ref_logprobs(trajs) if acfg.kl_coef > 0 else None
+            batch = make_batch(trajs, acfg, cfg.rollout.max_new_tokens, values=values, ref_logprobs=ref)
             old = trainer.logprobs(batch.trajectories) if needs_old_logprobs(acfg) else None
             m = dict(batch.metrics)
             if critic is None or not critic.warming_up:
-                m.update(trainer.step(batch, old_logprobs=old))
+                m.update(trainer.step(batch, old_logprobs=old, ref_logprobs=None if acfg.kl_in_reward else ref))
             if critic is not None:
                 targets = gae_targets(trajs, acfg, cfg.rollout.max_new_tokens, values)
                 m.update(critic.step(trajs, targets, old_values=values))
