@@ -17,6 +17,9 @@
   response as meta_info.weight_version), else the client's version when the response arrived.
 - update_weights(path, version): on every live server /pause_generation, /update_weights_from_disk, then
   /continue_generation. A server that missed an update is brought up to date before its next request.
+  vLLM (api="openai"; found when /pause_generation is a 404) needs VLLM_SERVER_DEV_MODE=1 and gets its dev
+  endpoints instead: /pause?mode=..., /collective_rpc reload_weights {weights_path}, /reset_prefix_cache,
+  /update_weight_version, /resume.
 """
 from __future__ import annotations
 
@@ -40,6 +43,10 @@ from thinkrl.types import Generation, SamplingParams
 log = logging.getLogger(__name__)
 APIS = ("sglang", "openai")
 PAUSE_MODES = ("abort", "in_place", "retract")
+# vLLM's /pause modes for ours: "keep" freezes in-flight requests with their KV cache (SGLang's in_place); for
+# retract the frozen requests' KV is dropped after the reload (/reset_prefix_cache?reset_running_requests=true)
+# and recomputed with the new weights on resume.
+VLLM_PAUSE = {"abort": "abort", "in_place": "keep", "retract": "keep"}
 
 
 class RemoteError(RuntimeError):
@@ -50,6 +57,10 @@ class _Retry(Exception):
     """A transient answer (5xx, 429, 408): retry, without marking the server dead."""
 
 
+class _NotFound(RemoteError):
+    """A control endpoint this server does not have (HTTP 404)."""
+
+
 @dataclass(eq=False)
 class _Server:
     url: str
@@ -58,6 +69,7 @@ class _Server:
     load: int = 0  # sequences in flight
     dead_until: float = 0.0
     model: str | None = None  # OpenAI API: served model name
+    control: str | None = None  # weight-update endpoints: "sglang" (also thinkrl serve) or "vllm"; None: not known yet
     stats: dict = field(default_factory=lambda: {"requests": 0, "failures": 0})
 
 
@@ -331,15 +343,76 @@ class RemoteEngine:
     async def _post(self, client: HTTPClient, s: _Server, path: str, body: dict | None = None) -> Response:
         r = await client.request("POST", s.url + path, body if body is not None else {}, timeout=self.request_timeout)
         if r.status == 404:
-            raise RemoteError(f"{s.url}{path}: not found (this server has no such endpoint; plain vLLM has no "
-                              "/update_weights_from_disk: see docs/remote_engines.md)")
+            raise _NotFound(f"{s.url}{path}: not found (this server has no such endpoint; see "
+                            "docs/remote_engines.md)")
         return self._check(s, path, r)
+
+    async def _pause(self, client: HTTPClient, s: _Server) -> None:
+        """Pause generation; with api=openai, a 404 on SGLang's /pause_generation means vLLM (its dev-mode /pause)."""
+        if s.control != "vllm":
+            try:
+                await self._post(client, s, "/pause_generation", {"mode": self.pause_mode})
+                s.control = "sglang"
+                return
+            except _NotFound:
+                if self.api != "openai" or s.control == "sglang":
+                    raise
+        try:
+            await self._post(client, s, f"/pause?mode={VLLM_PAUSE[self.pause_mode]}")
+        except _NotFound:
+            raise RemoteError(f"{s.url}: no weight-update endpoints (neither /pause_generation nor vLLM's /pause); "
+                              "start vLLM with VLLM_SERVER_DEV_MODE=1 for weight updates") from None
+        s.control = "vllm"
+
+    async def _continue(self, client: HTTPClient, s: _Server) -> None:
+        await self._post(client, s, "/resume" if s.control == "vllm" else "/continue_generation")
+
+    async def _load(self, client: HTTPClient, s: _Server, path: str, version: int) -> None:
+        """Load weights from disk on a paused server."""
+        if s.control != "vllm":
+            await self._post(client, s, "/update_weights_from_disk",
+                             {"model_path": path, "weight_version": str(version)})
+            return
+        if not os.path.exists(path):  # vLLM's engine process dies on a path it cannot load: don't send one
+            raise RemoteError(f"update_weights: {path}: no such file or directory here; vLLM's reload_weights "
+                              "kills its engine on a missing path, so it is not sent (give a path that exists "
+                              "both here and on the servers)")
+        try:
+            await self._post(client, s, "/collective_rpc", {"method": "reload_weights",
+                                                            "kwargs": {"weights_path": path}})
+        except _Retry as e:  # a 500 here is the worker's error (bad checkpoint), not an overload
+            raise RemoteError(f"vLLM reload_weights failed: {e}") from None
+        # the prefix cache holds KV computed with the old weights; for retract also drop the frozen requests' KV
+        reset = "/reset_prefix_cache" + ("?reset_running_requests=true" if self.pause_mode == "retract" else "")
+        r = await self._post(client, s, reset)
+        try:
+            ok = (r.json() or {}).get("success", True)
+        except (ValueError, AttributeError):
+            ok = True
+        if not ok and self.pause_mode != "in_place":  # in_place: the frozen requests hold their blocks
+            log.warning("remote engine: %s: prefix cache not reset after the weight update", s.url)
+        try:
+            await self._post(client, s, "/update_weight_version", {"new_version": str(version)})
+        except _NotFound:  # older vLLM: the version is only the client's
+            pass
 
     async def _catch_up(self, client: HTTPClient, s: _Server) -> None:
         """Bring a server that missed weight updates to the current version (failing: treat it as down)."""
         try:
-            await self._post(client, s, "/update_weights_from_disk",
-                             {"model_path": self._weights, "weight_version": str(self.version)})
+            loaded = False
+            if s.control != "vllm":
+                try:
+                    await self._load(client, s, self._weights, self.version)
+                    loaded = True
+                except _NotFound:  # api=openai on vLLM: its reload needs a pause first
+                    if self.api != "openai" or s.control == "sglang":
+                        raise
+            if not loaded:
+                await self._pause(client, s)
+                try:
+                    await self._load(client, s, self._weights, self.version)
+                finally:
+                    await self._continue(client, s)
         except (RemoteError, _Retry) as e:
             raise ConnectionError(f"could not bring it to weight version {self.version}: {e}") from None
         s.version = self.version
@@ -364,10 +437,10 @@ class RemoteEngine:
             client.close()
 
     def pause(self) -> None:
-        run_sync(lambda: self._control(lambda c, s: self._post(c, s, "/pause_generation", {"mode": self.pause_mode})))
+        run_sync(lambda: self._control(self._pause))
 
     def resume(self) -> None:
-        run_sync(lambda: self._control(lambda c, s: self._post(c, s, "/continue_generation")))
+        run_sync(lambda: self._control(self._continue))
 
     def update_weights(self, src, version: int) -> None:
         """src: a directory (or .safetensors file) the servers can read, a state dict, or a model with
@@ -375,13 +448,12 @@ class RemoteEngine:
         path = self._materialize(src)
 
         async def one(client, s):
-            await self._post(client, s, "/pause_generation", {"mode": self.pause_mode})
+            await self._pause(client, s)
             try:
-                await self._post(client, s, "/update_weights_from_disk",
-                                 {"model_path": path, "weight_version": str(version)})
+                await self._load(client, s, path, version)
                 s.version = version
             except BaseException:
-                await self._post(client, s, "/continue_generation")
+                await self._continue(client, s)
                 raise
 
         async def go():
@@ -389,8 +461,7 @@ class RemoteEngine:
             self.version, self._weights = version, path  # before continuing: later tokens carry the new version
             client = HTTPClient(headers=self._auth())
             try:
-                await asyncio.gather(*[self._post(client, s, "/continue_generation") for s in updated],
-                                     return_exceptions=True)
+                await asyncio.gather(*[self._continue(client, s) for s in updated], return_exceptions=True)
             finally:
                 client.close()
 
