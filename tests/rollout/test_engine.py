@@ -7,16 +7,11 @@ import asyncio
 import pytest
 import torch
 
-from thinkrl.models.micro import build_micro_model, build_tokenizer
+from thinkrl.models.micro import build_micro_model
 from thinkrl.rollout.base import ENGINES
 from thinkrl.rollout.engine import EmbeddedEngine
 from thinkrl.rollout.forward import sample
 from thinkrl.types import SamplingParams
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
 
 
 @pytest.fixture(scope="module")

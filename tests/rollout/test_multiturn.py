@@ -11,17 +11,12 @@ import asyncio
 import pytest
 import torch
 
-from thinkrl.models.micro import build_micro_model, build_tokenizer
+from thinkrl.models.micro import build_micro_model
 from thinkrl.rollout.multiturn import ToolWorkflow
 from thinkrl.rollout.workflow import SingleTurnWorkflow, collect
 from thinkrl.tasks import make_task
 from thinkrl.tasks.calculator import calculate, parse_number
 from thinkrl.types import Generation, Sample, SamplingParams
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
 
 
 def ids(tok, text):

@@ -7,16 +7,11 @@ import time
 import pytest
 import torch
 
-from thinkrl.models.micro import build_micro_model, build_tokenizer
+from thinkrl.models.micro import build_micro_model
 from thinkrl.rollout.engine import EmbeddedEngine
 from thinkrl.system import weights as W
 from thinkrl.system.engine_worker import EngineProcessError, ProcessEngine
 from thinkrl.types import SamplingParams
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -63,18 +63,7 @@ def _failing_rank(rank: int, world_size: int) -> None:
 AGGS = ["token-mean", "seq-mean-token-mean"]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is ~100x faster than two on a busy 2-core machine (no oversubscription)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _max_diff(a: dict, b: dict) -> float:

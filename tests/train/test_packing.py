@@ -6,17 +6,12 @@ import random
 import pytest
 import torch
 
-from thinkrl.models.micro import build_micro_model, build_tokenizer
+from thinkrl.models.micro import build_micro_model
 from thinkrl.train.attention import packed_forward
 from thinkrl.train.packing import Seq, forward_logprobs, make_micro_batches, packing_stats
 from thinkrl.types import Trajectory
 
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
 
 
 @pytest.fixture(scope="module")

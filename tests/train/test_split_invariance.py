@@ -8,7 +8,7 @@ import torch
 
 from thinkrl.algo.config import AlgoConfig
 from thinkrl.config import TrainConfig
-from thinkrl.models.micro import build_micro_model, build_tokenizer
+from thinkrl.models.micro import build_micro_model
 from thinkrl.train.engine import TrainEngine, split_by_tokens
 from thinkrl.train.packing import make_micro_batches
 from thinkrl.types import Batch, Trajectory
@@ -51,18 +51,7 @@ def grads_after_step(tok, batch, max_tokens_per_mb: int, loss_agg: str, packing:
     return grads, m, n_mb
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is ~100x faster than two on a busy 2-core machine (no oversubscription)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
