@@ -331,7 +331,8 @@ def run_async(cfg, engine, workflow, trainer, train_samples, start_step: int, en
             old = trainer.logprobs(batch.trajectories) if needs_old_logprobs(acfg) else None
             m = dict(batch.metrics)
             if critic is None or not critic.warming_up:
-                m.update(trainer.step(batch, old_logprobs=old, ref_logprobs=None if acfg.kl_in_reward else ref))
+                kl = {} if ref is None or acfg.kl_in_reward else {"ref_logprobs": ref}
+                m.update(trainer.step(batch, old_logprobs=old, **kl))
             if critic is not None:
                 targets = gae_targets(trajs, acfg, cfg.rollout.max_new_tokens, values)
                 m.update(critic.step(trajs, targets, old_values=values))
