@@ -331,6 +331,7 @@ def run_async(cfg, engine, workflow, trainer, train_samples, start_step: int, en
             old = trainer.logprobs(batch.trajectories) if needs_old_logprobs(acfg) else None
             m = dict(batch.metrics)
             if critic is None or not critic.warming_up:
+                # only with a KL term in the loss: trainers without a reference model (Ray's) take no such argument
                 kl = {} if ref is None or acfg.kl_in_reward else {"ref_logprobs": ref}
                 m.update(trainer.step(batch, old_logprobs=old, **kl))
             if critic is not None:
