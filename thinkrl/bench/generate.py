@@ -11,8 +11,9 @@ lengths, the steady state of an RL loop that generates every step; `--warmup tin
 run also pays one-time costs such as KV-cache allocation). EOS is ignored on both sides (engine:
 stop_at_eos=False; HF: min_new_tokens = max_new_tokens), so every sequence has exactly `--new-tokens` tokens.
 Reported: tokens/s of each and their ratio, peak memory during each run (RSS growth sampled every 5 ms on CPU;
-torch.cuda.max_memory_allocated on CUDA), the engine's log-prob agreement with a teacher-forced HF forward on its own samples, and the engine's achieved FLOP/s (useful
-matmul + attention FLOPs, padding excluded) as a fraction of a large fp32 matmul timed in the same run.
+torch.cuda.max_memory_allocated on CUDA), the engine's log-prob agreement with a teacher-forced HF forward on
+its own samples, and the engine's achieved FLOP/s (useful matmul + attention FLOPs, padding excluded) as a
+fraction of a large fp32 matmul timed in the same run.
 """
 from __future__ import annotations
 
