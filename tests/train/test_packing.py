@@ -103,6 +103,23 @@ def test_packed_logits_and_logprobs_equal_unpacked(model, tok, ref, share, budge
             assert (ents[j] - ref_ent).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("share", [False, True])
+def test_lengths_across_attention_buckets(model, tok, ref, share):
+    """Spans from 1 to 70 tokens land in several padded attention buckets; every row still equals unpacked."""
+    rng = random.Random(3)
+    seqs = []
+    for g, p in enumerate((1, 5, 20)):
+        prompt = [rng.randrange(len(tok)) for _ in range(p)]
+        seqs += [Seq(prompt + [rng.randrange(len(tok)) for _ in range(r)], p, f"g{g}") for r in (1, 9, 16, 17, 40, 70)]
+    seqs.append(Seq([rng.randrange(len(tok)) for _ in range(33)]))
+    (mb,) = make_micro_batches(seqs, 4096, share_prompt=share)
+    with torch.no_grad():
+        lps = forward_logprobs(model, mb)
+    assert len(next(iter(mb.spans.plans.values()))[0]) >= 3  # buckets actually used
+    for j, i in enumerate(mb.seq_index):
+        assert (lps[j] - ref(seqs[i].tokens)[1]).abs().max() <= TOL
+
+
 def test_shared_prompt_saves_tokens(tok):
     seqs = _seqs(len(tok), n_groups=3, n=4, plain=0)
     plain = make_micro_batches(seqs, 1000)

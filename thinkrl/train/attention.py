@@ -11,7 +11,8 @@ implementation unchanged, so the model stays usable everywhere else. The varlen 
   - CUDA + `flash_attn` importable + half precision: one `flash_attn_varlen_func` call (causal masks are
     bottom-right aligned, so a response attending to [prompt, itself] is a plain causal span over a
     gathered key index);
-  - otherwise: one SDPA call per span (exact, memory linear in the span, never [L, L]).
+  - otherwise (`bucketed_attention`): spans of similar length gathered into padded batches, one masked SDPA
+    call per bucket (exact; memory ~ spans x longest span of the bucket, never [L, L]).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import contextlib
 import contextvars
 import sys
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,7 @@ class Spans:
     """
 
     bounds: list[tuple[int, int, int, int]]
+    plans: dict = field(default_factory=dict, repr=False, compare=False)  # per device: bucketed_attention's plan
 
     @property
     def has_prefix(self) -> bool:
@@ -81,36 +83,76 @@ def varlen_attention(module, query, key, value, spans: Spans, scaling: float | N
             k, v = k.index_select(0, kv_index), v.index_select(0, kv_index)
         out = flash(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=dropout, softmax_scale=scaling, causal=True)
         return out.unsqueeze(0)
-    n_rep = query.shape[1] // key.shape[1]
-    bounds = spans.bounds
-    # One split per tensor (its backward is a single cat). Slicing per segment instead makes every
-    # segment's backward write a zero tensor the size of the whole stream: quadratic in the segments.
-    contiguous = bounds[0][0] == 0 and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:])) \
-        and bounds[-1][1] == query.shape[2]
-    if contiguous:
-        lens = [e - s for s, e, _, _ in bounds]
-        qs, ks, vs = (torch.split(t, lens, dim=2) for t in (query, key, value))
-        seg_of = {(s, e): i for i, (s, e, _, _) in enumerate(bounds)}
+    return bucketed_attention(query, key, value, spans, scaling, dropout)
+
+
+@dataclass
+class _Bucket:
+    q_index: torch.Tensor  # [S*Qm] stream index of every (span, query row); padding rows repeat a real index
+    k_index: torch.Tensor  # [S*Km] stream index of every (span, key column)
+    mask: torch.Tensor  # [S, 1, Qm, Km] bool: may attend
+    shape: tuple[int, int, int]  # (S, Qm, Km)
+
+
+def _bucket_plan(spans: Spans, device) -> tuple[list[_Bucket], torch.Tensor]:
+    """Spans grouped by query length (powers of two, at least 16) into padded batches, and the index that
+    puts the padded outputs back in stream order. Built once per stream and device, reused by every layer."""
+    bounds = torch.tensor(spans.bounds, dtype=torch.long).view(-1, 4)
+    n, p = bounds[:, 1] - bounds[:, 0], bounds[:, 3] - bounds[:, 2]
+    size = n.float().log2().ceil().long().clamp(min=4)  # bucket 2^size >= n (at least 16)
+    buckets, where, offset = [], torch.zeros(len(bounds), dtype=torch.long), 0
+    for b in size.unique().tolist():
+        idx = (size == b).nonzero()[:, 0]
+        s, ps, nb, pb = bounds[idx, 0, None], bounds[idx, 2, None], n[idx, None], p[idx, None]
+        qm, km = int(nb.max()), int((nb + pb).max())
+        r, c = torch.arange(qm)[None], torch.arange(km)[None]
+        q_idx = s + torch.where(r < nb, r, 0)  # padding rows repeat the span's first query
+        k_idx = torch.where(c < pb, ps + c, torch.where(c < pb + nb, s + c - pb, 0))
+        # own tokens causally, the prefix fully: row r sees columns [0, p + r]; padding rows see column 0 only
+        real = (r < nb)[:, :, None]
+        mask = torch.where(real, (c[:, None] <= pb[:, :, None] + r[:, :, None]) & (c[:, None] < (pb + nb)[:, :, None]),
+                           c[:, None] == 0)
+        buckets.append(_Bucket(q_idx.flatten().to(device), k_idx.flatten().to(device), mask[:, None].to(device),
+                               (len(idx), qm, km)))
+        where[idx] = offset + torch.arange(len(idx)) * qm
+        offset += len(idx) * qm
+    # row k of span i holds stream position start_i + k, at padded row where[i] + k: order rows by position
+    span_of, k = torch.repeat_interleave(torch.arange(len(bounds)), n), _within(n)
+    order = torch.argsort(bounds[span_of, 0] + k)
+    return buckets, (where[span_of] + k)[order].to(device)
+
+
+def _within(n: torch.Tensor) -> torch.Tensor:
+    """[0..n_0-1, 0..n_1-1, ...]"""
+    total = int(n.sum())
+    starts = torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+    return torch.arange(total) - starts
+
+
+def bucketed_attention(query, key, value, spans: Spans, scaling: float | None = None,
+                       dropout: float = 0.0) -> torch.Tensor:
+    """Exact varlen attention without a varlen kernel: spans of similar length are gathered into a padded
+    batch [S, H, Qm, D] with a boolean mask and run through one SDPA call per bucket (a handful per layer,
+    not one per sequence); the rows are gathered back into stream order. Output [1, L, H, D]."""
+    cache_key = str(query.device)
+    if cache_key not in spans.plans:
+        spans.plans[cache_key] = _bucket_plan(spans, query.device)
+    buckets, out_index = spans.plans[cache_key]
+    H, Hkv, D = query.shape[1], key.shape[1], query.shape[3]
+    n_rep = H // Hkv
+    gqa = n_rep > 1 and not query.is_cuda  # CUDA's fused kernels take GQA only unmasked
     outs = []
-    for i, (s, e, ps, pe) in enumerate(bounds):
-        if contiguous:
-            q, k, v = qs[i], ks[i], vs[i]
-            j = seg_of.get((ps, pe))
-            pk, pv = (ks[j], vs[j]) if j is not None else (key[:, :, ps:pe], value[:, :, ps:pe])
-        else:
-            q, k, v = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
-            pk, pv = key[:, :, ps:pe], value[:, :, ps:pe]
-        mask = None
-        if pe > ps:  # own tokens causally, the shared prefix fully: a bottom-right causal mask
-            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-            mask = torch.ones(e - s, pe - ps + e - s, dtype=torch.bool, device=q.device).tril(pe - ps)
-        gqa = n_rep > 1 and (mask is None or not q.is_cuda)  # CUDA's fused kernels take GQA only unmasked
+    for b in buckets:
+        S, qm, km = b.shape
+        q = query[0].index_select(1, b.q_index).view(H, S, qm, D).transpose(0, 1)
+        k, v = (t[0].index_select(1, b.k_index).view(Hkv, S, km, D).transpose(0, 1) for t in (key, value))
         if n_rep > 1 and not gqa:
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
-                                           is_causal=mask is None, enable_gqa=gqa)
-        outs.append(o.transpose(1, 2))  # [1, span, H, D]
-    return outs[0].contiguous() if len(outs) == 1 else torch.cat(outs, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=b.mask, dropout_p=dropout, scale=scaling,
+                                           enable_gqa=gqa)  # [S, H, qm, D]
+        outs.append(o.transpose(1, 2).reshape(S * qm, H, D))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out.index_select(0, out_index).unsqueeze(0)
 
 
 def _base_impl(config) -> str:
