@@ -132,12 +132,7 @@ def _weights(out: Path, step: int) -> dict:
 
 
 def _run_rl(out: Path, world_size: int, *extra, resume: bool = False) -> dict:
-    # train.parallel: set directly until thinkrl.config.TrainConfig has the field
-    parallel = [x.split("=", 1)[1] for x in extra if x.startswith("train.parallel=")]
-    extra = [x for x in extra if not x.startswith("train.parallel=")]
     cfg = load_config(None, TINY + [f"run.output_dir={out}", f"train.world_size={world_size}", *extra])
-    if parallel:
-        cfg.train.parallel = parallel[0]
     return dp.run_train(cfg, resume=resume, start_method=START)
 
 

@@ -318,7 +318,7 @@ def _rl_rank(rank: int, world_size: int, cfg, resume: bool) -> dict | None:
     from thinkrl.system.setup import build_run
     from thinkrl.system.train import train_rl
 
-    mode = getattr(cfg.train, "parallel", "ddp")
+    mode = cfg.train.parallel
     ctx = init_distributed(world_size, rank, mode=mode, device=resolve_device(cfg.run.device))
     try:
         if rank == 0:
@@ -341,7 +341,7 @@ def run_train(cfg, resume: bool = False, start_method: str = "spawn") -> dict | 
         return train_rl(cfg, resume=resume)
     if cfg.rollout.mode != "sync":
         raise ValueError(f"rollout.mode={cfg.rollout.mode!r}: train.world_size > 1 supports only rollout.mode=sync")
-    mode = getattr(cfg.train, "parallel", "ddp")
+    mode = cfg.train.parallel
     if mode not in MODES:
         raise ValueError(f"train.parallel: unknown value {mode!r}; valid: {', '.join(MODES)}")
     if not cfg.train.packing:
