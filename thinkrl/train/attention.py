@@ -109,9 +109,8 @@ def _bucket_plan(spans: Spans, device) -> tuple[list[_Bucket], torch.Tensor]:
         q_idx = s + torch.where(r < nb, r, 0)  # padding rows repeat the span's first query
         k_idx = torch.where(c < pb, ps + c, torch.where(c < pb + nb, s + c - pb, 0))
         # own tokens causally, the prefix fully: row r sees columns [0, p + r]; padding rows see column 0 only
-        real = (r < nb)[:, :, None]
-        mask = torch.where(real, (c[:, None] <= pb[:, :, None] + r[:, :, None]) & (c[:, None] < (pb + nb)[:, :, None]),
-                           c[:, None] == 0)
+        # (for a real row r < n, column p + r is its own token: no key beyond the span is ever seen)
+        mask = torch.where((r < nb)[:, :, None], c[:, None] <= (pb + r)[:, :, None], c[:, None] == 0)
         buckets.append(_Bucket(q_idx.flatten().to(device), k_idx.flatten().to(device), mask[:, None].to(device),
                                (len(idx), qm, km)))
         where[idx] = offset + torch.arange(len(idx)) * qm
