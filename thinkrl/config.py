@@ -327,6 +327,7 @@ def validate(cfg: Config) -> Config:
     need(cfg.train.steps >= 0, "train.steps", "must be >= 0")
     need(cfg.train.max_tokens_per_mb >= 16, "train.max_tokens_per_mb", "must be >= 16")
     need(cfg.train.world_size >= 1, "train.world_size", "must be >= 1")
+    need(cfg.train.sft_steps >= 0, "train.sft_steps", "must be >= 0")
     need(cfg.train.sft_lr > 0, "train.sft_lr", "must be > 0")
     need(cfg.train.sft_batch_size >= 1, "train.sft_batch_size", "must be >= 1")
     need(len(cfg.train.betas) == 2 and all(0 <= b < 1 for b in cfg.train.betas), "train.betas", "must be two numbers in [0, 1)")

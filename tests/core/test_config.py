@@ -20,6 +20,7 @@ def test_defaults_and_overrides(tmp_path):
         (["rollout.n=abc"], "rollout.n: expected an integer, got 'abc'"),
         (["rollout.n=0"], "rollout.n: must be >= 1, got 0"),
         (["algo.lr=-1"], "algo.lr: must be > 0"),
+        (["train.sft_steps=-1"], "train.sft_steps: must be >= 0"),
         (["log.progress=maybe"], "log.progress: expected true/false"),
         (["algo.advantage=foo"], "algo.advantage: unknown value 'foo'; valid: "),
         (["algo.loss=bar"], "algo.loss: unknown value 'bar'; valid: "),
