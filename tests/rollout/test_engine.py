@@ -10,7 +10,7 @@ import torch
 from thinkrl.models.micro import build_micro_model
 from thinkrl.rollout.base import ENGINES
 from thinkrl.rollout.engine import EmbeddedEngine
-from thinkrl.rollout.forward import sample
+from thinkrl.rollout.forward import pick_linear, sample
 from thinkrl.types import SamplingParams
 
 
@@ -89,6 +89,16 @@ def test_other_architectures_and_fallback(make, tok):
         eng = make(m, forward=forward, stop_at_eos=False)
         assert type(eng.runner).__name__ == ("LeanRunner" if forward == "lean" else "HFRunner")
         assert max_logprob_diff(m, prompts, eng.generate_batch(prompts, params, n=2)) <= 1e-4
+
+
+def test_pick_linear_returns_a_kernel_equal_to_f_linear():
+    import torch.nn.functional as F
+
+    lin = pick_linear(torch.device("cpu"), torch.float32, (16, 32, 48), reps=2)
+    x, w, b = torch.randn(16, 32), torch.randn(48, 32), torch.randn(48)
+    assert torch.allclose(lin(x, w, b), F.linear(x, w, b), atol=1e-5)
+    assert torch.allclose(lin(x, w), F.linear(x, w), atol=1e-5)
+    assert pick_linear(torch.device("cpu"), torch.bfloat16) is F.linear  # only fp32 has a choice
 
 
 def test_unsupported_rope_is_refused(tok):

@@ -68,13 +68,13 @@ class _PeakMemory:
 
 
 def matmul_peak_flops(device: torch.device, n: int = 2048, reps: int = 5) -> float:
-    """Best FLOP/s of an n^3 fp32 matmul, with torch.matmul or with the engine's linear kernel (on CPU
-    oneDNN, which is 2-3x faster than MKL's sgemm on AMD CPUs), whichever is faster."""
-    from thinkrl.rollout.forward import pick_linear
+    """Best FLOP/s of an n^3 fp32 matmul, with torch.matmul or with oneDNN's linear (CPU; 2-3x faster than
+    MKL's sgemm on AMD CPUs), whichever is faster."""
+    from thinkrl.rollout.forward import _mkldnn_linear
 
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     best = float("inf")
-    for f in {torch.matmul, pick_linear(device, torch.float32)}:
+    for f in [torch.matmul] + ([_mkldnn_linear()] if device.type == "cpu" and _mkldnn_linear() else []):
         for _ in range(reps + 1):
             if device.type == "cuda":
                 torch.cuda.synchronize()
