@@ -10,7 +10,8 @@ import torch
 from thinkrl.models.micro import build_micro_model
 from thinkrl.rollout.base import ENGINES
 from thinkrl.rollout.engine import EmbeddedEngine
-from thinkrl.rollout.forward import pick_linear, sample
+from thinkrl.rollout.forward import pick_linear
+from thinkrl.rollout.sampling import sample, uniforms
 from thinkrl.types import SamplingParams
 
 
@@ -180,7 +181,7 @@ def test_sampler_distribution_top_k_top_p():
     freq = torch.zeros(3, 5)
     for r in range(3):
         tok, lp = sample(logits[r:r + 1].expand(N, -1), temp[r].expand(N), top_p[r].expand(N),
-                         top_k[r].expand(N), torch.full((N,), 7), torch.arange(N), True)
+                         top_k[r].expand(N), uniforms(torch.full((N,), 7), torch.arange(N)), True)
         freq[r] = torch.bincount(tok, minlength=5) / N
         assert torch.allclose(lp, torch.log_softmax(logits[r], -1)[tok])  # temperature-1 log-probs
     p0 = torch.softmax(logits[0] / 0.5, -1)
@@ -191,8 +192,14 @@ def test_sampler_distribution_top_k_top_p():
     assert (freq[1, :2] - p1).abs().max() < 0.015 and freq[1, 2:].sum() == 0
     assert (freq[2, :2] - p2).abs().max() < 0.015 and freq[2, 2:].sum() == 0
     greedy, _ = sample(logits[:1], torch.zeros(1), torch.ones(1), torch.zeros(1, dtype=torch.long),
-                       torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), False)
+                       torch.zeros(1, dtype=torch.double), False)
     assert greedy.item() == 0
+    # plain=True (every row at temperature 1) skips the temperature ops: same tokens and log-probs
+    x, u = torch.randn(64, 50), uniforms(torch.arange(64), torch.full((64,), 3))
+    ones, k0 = torch.ones(64), torch.zeros(64, dtype=torch.long)
+    for filt in (False, True):
+        full, fast = (sample(x, ones, ones * 0.9, k0, u, filt, plain=pl) for pl in (False, True))
+        assert torch.equal(full[0], fast[0]) and torch.allclose(full[1], fast[1])
 
 
 async def _wait_for_tokens(eng, k):

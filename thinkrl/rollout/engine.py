@@ -14,7 +14,7 @@ How it works (nano-vllm style, one scheduler):
   empty and half the slot range is holes, running sequences are compacted into the low slots.
 - The forward (forward.LeanRunner) is a compact Llama/Qwen2/Mistral implementation over a slot KV cache
   (kvcache.SlotKVCache); other models run on forward.HFRunner (the HF model on whole sequences: slow, correct).
-- Sampling happens on device for the whole batch (forward.sample); a sequence's randomness is a pure function
+- Sampling happens on device for the whole batch (sampling.sample); a sequence's randomness is a pure function
   of (seed, sample index, token index), so a seeded request is reproducible whatever runs beside it.
 - Log-probs are log_softmax of the raw logits (temperature 1), whatever the sampling temperature.
 - pause() stops at a token boundary; update_weights() copies weights in place and flushes the prefix cache;
@@ -39,8 +39,9 @@ from typing import Any, Callable
 import torch
 
 from thinkrl.rollout.base import register_engine
-from thinkrl.rollout.forward import HFRunner, LeanRunner, lean_unsupported, sample
+from thinkrl.rollout.forward import HFRunner, LeanRunner, lean_unsupported
 from thinkrl.rollout.kvcache import PrefixCache, SlotState
+from thinkrl.rollout.sampling import sample
 from thinkrl.types import Generation, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class EmbeddedEngine:
         self._waiting: deque[_Seq] = deque()  # scheduler state, on the host
         self._running: dict[int, _Seq] = {}
         self._free = list(range(max_seqs))
-        self._reserved = self._ticks = self._n_filtered = self._n_stopstr = 0
+        self._reserved = self._ticks = self._n_filtered = self._n_scaled = self._n_stopstr = 0
         self.peak_running = self.compactions = 0
         self._cv = threading.Condition()
         self._step_lock = threading.RLock()
@@ -347,6 +348,7 @@ class EmbeddedEngine:
             s.t0, s.marks = len(s.req.prompt) - self._ticks, [(0, self.version)]
             s.text = [] if s.req.params.stop else None
             self._n_filtered += s.req.params.top_k > 0 or s.req.params.top_p < 1
+            self._n_scaled += s.req.params.temperature != 1
             self._n_stopstr += s.text is not None
         idx = torch.tensor([s.slot for s in seqs], device=self.device)
         ps = [s.req.params for s in seqs]
@@ -372,7 +374,8 @@ class EmbeddedEngine:
         record it, and finish the sequences that stop."""
         st, r = self.st, idx if rows is None else rows
         g = st.gen[r]
-        tok, lp = sample(logits, st.temp[r], st.top_p[r], st.top_k[r], st.seed[r], g, self._n_filtered > 0)
+        tok, lp = sample(logits, st.temp[r], st.top_p[r], st.top_k[r], st.u[r].gather(1, g[:, None])[:, 0],
+                         self._n_filtered > 0, plain=self._n_scaled == 0)
         st.out_tok[idx, g], st.out_lp[idx, g], st.tok[r] = tok, lp, tok
         g = g + (1 if active is None else active)
         st.gen[r] = g
@@ -420,6 +423,7 @@ class EmbeddedEngine:
             heapq.heappush(self._free, s.slot)
             self._reserved -= s.req.need
             self._n_filtered -= s.req.params.top_k > 0 or s.req.params.top_p < 1
+            self._n_scaled -= s.req.params.temperature != 1
             self._n_stopstr -= s.text is not None
             s.slot = -1
 

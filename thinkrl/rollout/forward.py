@@ -1,4 +1,4 @@
-"""Model runners for the embedded engine, and sampling on device.
+"""Model runners for the embedded engine (sampling: thinkrl.rollout.sampling).
 
 A runner owns the weights and the per-slot KV memory and offers the few operations the scheduler needs:
 `extend` (compute new tokens of some slots: prefill, or a prompt continuing a cached prefix), `decode` (one token
@@ -50,8 +50,9 @@ def _mkldnn_linear():
     op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
     if op is None or not torch.backends.mkldnn.is_available():
         return None
+    g = torch.Generator().manual_seed(0)  # never touch the global RNG: it seeds unseeded requests
     try:
-        x, w, b = torch.randn(8, 64), torch.randn(32, 64), torch.randn(32)
+        x, w, b = (torch.randn(*shape, generator=g) for shape in ((8, 64), (32, 64), (32,)))
         if not torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-4, rtol=1e-5):
             return None
     except (RuntimeError, NotImplementedError):
@@ -75,7 +76,8 @@ def pick_linear(device: torch.device, dtype: torch.dtype, shape: tuple[int, int,
     if alt is None:
         return F.linear
     rows, k, n = shape
-    x, w = torch.randn(rows, k), torch.randn(n, k)
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
     best = {F.linear: float("inf"), alt: float("inf")}
     for _ in range(3):
         for f in best:
@@ -318,53 +320,3 @@ class HFRunner:
         # right-padded rows need no mask: causal attention never looks past a row's last real token
         logits = self.model(input_ids=ids).logits
         return logits[torch.arange(len(ids), device=ids.device), last].float()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# sampling: vectorised over rows, reproducible per sequence (a counter-based uniform per row and step)
-
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2^32 for x in [0, 2^32), without int64 overflow."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
-
-
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def uniforms(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """One uniform in [0, 1) (48 random bits) per row, a pure function of (seed, step)."""
-    h = _hash32((_hash32(seeds & _M32) + _mul32(steps & _M32, 0x9E3779B9)) & _M32)
-    lo = _hash32(h ^ 0x5BD1E995)
-    return ((h >> 8).double() + (lo >> 8).double() / float(1 << 24)) / float(1 << 24)
-
-
-def sample(logits: torch.Tensor, temp: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
-           seeds: torch.Tensor, steps: torch.Tensor, filtered: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row of fp32 `logits [B, V]`; returns (tokens, log-probs at temperature 1).
-
-    temp == 0 is greedy. Top-k (0: off) and top-p act on the temperature-scaled distribution. Sampling is
-    inverse-CDF in vocabulary order with `uniforms(seeds, steps)`, so a row's token depends only on its own
-    logits, parameters, seed and step (never on the other rows). `filtered=False` (no row uses top-k/top-p)
-    skips the sort that builds the filter mask."""
-    logp = torch.log_softmax(logits, -1)
-    greedy = logits.argmax(-1)
-    probs = torch.softmax(logits / torch.where(temp > 0, temp, 1.0)[:, None], -1)
-    if filtered:
-        sp, order = probs.sort(dim=-1, descending=True, stable=True)
-        rank = torch.arange(sp.shape[1], device=sp.device)
-        drop = (top_k[:, None] > 0) & (rank[None] >= top_k[:, None])
-        drop |= (top_p[:, None] < 1) & ((sp.cumsum(-1) - sp) > top_p[:, None])  # mass before it > top_p
-        probs = probs.masked_fill(torch.zeros_like(drop).scatter_(1, order, drop), 0.0)
-    cdf = probs.double().cumsum(-1)
-    u = uniforms(seeds, steps) * cdf[:, -1]
-    drawn = torch.searchsorted(cdf, u[:, None], right=True).clamp_max_(cdf.shape[1] - 1)[:, 0]
-    tok = torch.where(temp == 0, greedy, drawn)
-    return tok, logp.gather(1, tok[:, None])[:, 0]

@@ -18,6 +18,8 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from thinkrl.rollout.sampling import uniforms
+
 
 class SlotKVCache:
     def __init__(self, layers: int, kv_heads: int, head_dim: int, max_slots: int, max_len: int,
@@ -86,10 +88,12 @@ class SlotKVCache:
 
 class SlotState:
     """Per-slot decode state, on device: last sampled token, next position, tokens generated, sampling
-    parameters, stop ids (rows padded with -1), and the generated tokens / log-probs so far."""
+    parameters, stop ids (rows padded with -1), the generated tokens / log-probs so far, and the sampling
+    uniform of every step (`uniforms(seed, step)`, drawn once when the sequence starts: one gather per step
+    instead of ~30 small integer ops)."""
 
     FIELDS = ("tok", "pos", "gen", "max_new", "top_k", "seed", "temp", "top_p", "active", "stop_tab",
-              "out_tok", "out_lp")
+              "out_tok", "out_lp", "u")
 
     def __init__(self, slots: int, max_len: int, device: torch.device):
         self.slots, self.max_len = slots, max_len
@@ -100,6 +104,7 @@ class SlotState:
         self.stop_tab = torch.full((slots, 1), -1, dtype=torch.long, device=device)
         self.out_tok = torch.zeros(slots, 0, dtype=torch.long, device=device)
         self.out_lp = torch.zeros(slots, 0, device=device)
+        self.u = torch.zeros(slots, 0, dtype=torch.float64, device=device)
 
     def assign(self, idx: torch.Tensor, stop_ids: list[list[int]], max_new: list[int], **cols: list) -> None:
         """Start new sequences in slots `idx`; `cols` gives pos, seed, temp, top_p, top_k per sequence."""
@@ -111,12 +116,15 @@ class SlotState:
             grow = (self.slots, min(self.max_len, max(max(max_new), 2 * cap, 64)) - cap)
             self.out_tok = torch.cat([self.out_tok, self.out_tok.new_zeros(grow)], 1)
             self.out_lp = torch.cat([self.out_lp, self.out_lp.new_zeros(grow)], 1)
+            self.u = torch.cat([self.u, self.u.new_zeros(grow)], 1)
         width = self.stop_tab.shape[1]
         cols.update(stop_tab=[s + [-1] * (width - len(s)) for s in stop_ids], max_new=max_new,
                     gen=[0] * len(max_new), active=[True] * len(max_new))
         for name, vals in cols.items():
             t = getattr(self, name)
             t[idx] = torch.tensor(vals, dtype=t.dtype, device=t.device)
+        steps = torch.arange(self.u.shape[1], device=self.u.device)
+        self.u[idx] = uniforms(self.seed[idx][:, None], steps[None])
 
     def clear(self, idx: torch.Tensor) -> None:
         self.active[idx] = False
