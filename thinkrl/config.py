@@ -74,6 +74,9 @@ class RolloutConfig:
     top_k: int = 0
     mode: str = "sync"  # sync | async
     max_staleness: int = 0  # async staleness bound eta (0: exactly the sync loop)
+    # async: eager = start every group the bound allows; adaptive = while the trainer finds its batches ready
+    # (training is the bottleneck), start at most one batch ahead: same throughput, staleness ~1 instead of eta
+    admission: str = "adaptive"
     placement: str = "auto"  # async: inline (engine in this process) | process (its own process) | auto
     weight_sync: str = "auto"  # async: auto | memory | shm | disk | dist | engine
     engine_threads: int = 1  # async with an engine process: its torch threads
@@ -307,6 +310,7 @@ def validate(cfg: Config) -> Config:
     one_of("rollout.engine", ["embedded", "hf", "remote"])
     one_of("rollout.pause_mode", ["abort", "wait"])
     one_of("rollout.placement", ["auto", "inline", "process"])
+    one_of("rollout.admission", ["adaptive", "eager"])
     one_of("rollout.weight_sync", ["auto", "memory", "shm", "disk", "dist", "engine"])
     need(cfg.rollout.engine_threads >= 1, "rollout.engine_threads", "must be >= 1")
     one_of("cluster.backend", ["local", "ray"])

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import itertools
 import random
+import threading
 import time
 
 import pytest
@@ -82,19 +83,47 @@ def test_eta0_takes_exactly_the_sync_batches_in_order():
         buf.advance(step + 1)
 
 
+def test_adaptive_admission_keeps_one_batch_ahead_while_the_trainer_finds_data_ready():
+    B = 2
+    buf = StalenessBuffer(batch_groups=B, eta=2, adaptive=True)
+    gs = [buf.try_start() for _ in range(6)]  # eager at first: the whole bound, (2 + 0 + 1) x 2
+    assert buf.try_start() is None and not buf.lazy
+    for g in gs:
+        buf.finish(g, ["t"])
+    for v in (1, 2):  # two takes that find their batch ready
+        buf.take()
+        buf.advance(v)
+    assert buf.lazy and len(buf.groups) == B
+    assert buf.try_start() is None  # the bound would allow 4 more; one batch is already started ahead
+    buf.take()
+    buf.advance(3)
+    new = [buf.try_start() for _ in range(B)]
+    assert all(new) and buf.try_start() is None  # one batch ahead, started at the current version
+    assert {g.version for g in new} == {3}
+    lifted = []
+    buf.on_lift = lambda: lifted.append(buf.lazy)
+    with pytest.raises(TimeoutError):
+        buf.take(timeout=0.01)  # the trainer has to wait: generation is behind
+    assert lifted == [False] and not buf.lazy
+    assert sum(buf.try_start() is not None for _ in range(10)) == (2 + 3 + 1) * B - 8  # the full bound again
+
+
 @settings(max_examples=150, deadline=None)
-@given(st.integers(1, 3), st.integers(0, 3), st.integers(0, 2**32 - 1), st.integers(3, 8))
-def test_staleness_bound_with_random_speeds(B, eta, seed, steps):
+@given(st.integers(1, 3), st.integers(0, 3), st.integers(0, 2**32 - 1), st.integers(3, 8), st.booleans())
+def test_staleness_bound_with_random_speeds(B, eta, seed, steps, adaptive):
     """Random generation speeds (finish order, how much finishes between trainer looks) and training speeds:
-    the trainer never takes a group older than η, admission never exceeds the bound, and it never deadlocks."""
+    the trainer never takes a group older than η, admission never exceeds the bound, and it never deadlocks
+    (eager and adaptive admission)."""
     rnd = random.Random(seed)
-    buf = StalenessBuffer(B, eta)
+    buf = StalenessBuffer(B, eta, adaptive=adaptive)
     in_flight: list = []
     version = 0
     while version < steps:
+        lazy, n0, i0, bound = buf.lazy, len(buf.groups), buf.next_index, (eta + version + 1) * B
         while (g := buf.try_start()) is not None:  # the producer starts everything it may
             in_flight.append(g)
-        assert buf.next_index <= (eta + version + 1) * B
+        assert buf.next_index <= bound
+        assert buf.next_index - i0 == (max(0, min(B - n0, bound - i0)) if lazy else bound - i0)
         for _ in range(rnd.randint(0, len(in_flight))):  # a random subset finishes, in random order
             buf.finish(in_flight.pop(rnd.randrange(len(in_flight))), ["t"])
         if rnd.random() < 0.5:  # the trainer is slow: it does not look this time
@@ -102,6 +131,9 @@ def test_staleness_bound_with_random_speeds(B, eta, seed, steps):
         batch = buf.pick()
         if batch is None:
             assert in_flight, "nothing in flight and no batch: deadlock"
+            with pytest.raises(TimeoutError):
+                buf.take(timeout=0)  # the trainer waits (and adaptive admission opens the bound)
+            assert not buf.lazy
             continue
         buf.take()
         assert len(batch) == B and all(version - x.version <= eta for x in batch)

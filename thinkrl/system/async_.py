@@ -19,6 +19,11 @@
   weights before the step) and the engine's (behaviour) log-probs enter through an importance weight, tokens
   whose weight exceeds algo.behav_weight_cap (default 5 here) dropped. With one optimizer step per batch the
   proximal log-probs come from the step's own forward (`decoupled_ppo_inline`), else from a recompute pass.
+- Admission (rollout.admission): `eager` starts every group the bound allows. `adaptive` (default) does too
+  while the trainer has to wait for data; once it finds its batch ready twice in a row (training is the
+  bottleneck), at most one batch of groups is started ahead of the trainer until it has to wait again. Starting
+  more then buys no throughput (every sample is trained, at the trainer's pace): it only makes samples wait in
+  the buffer and grow stale. The bound η still caps staleness either way.
 - Sampling seeds are a function of (run.seed, j): a group's samples do not depend on what runs beside it.
 """
 from __future__ import annotations
@@ -51,20 +56,29 @@ class Group:
 
 
 class StalenessBuffer:
-    """Admission (how many groups may start) and the trainer's pick, under staleness bound η. Thread-safe."""
+    """Admission (how many groups may start) and the trainer's pick, under staleness bound η. Thread-safe.
+    `adaptive`: after READY_STREAK takes in a row found their batch ready, at most B groups are started and not
+    yet taken (one batch ahead); a take that has to wait lifts that at once (`on_lift` wakes the producer) until
+    the streak builds again."""
 
-    def __init__(self, batch_groups: int, eta: int, start_step: int = 0, version: int = 0):
+    READY_STREAK = 2
+
+    def __init__(self, batch_groups: int, eta: int, start_step: int = 0, version: int = 0, adaptive: bool = False):
         if batch_groups < 1 or eta < 0:
             raise ValueError(f"StalenessBuffer: need batch_groups >= 1 and eta >= 0, got {batch_groups}, {eta}")
         self.B, self.eta, self.step, self.version = batch_groups, eta, start_step, version
         self.next_index = start_step * batch_groups
         self.groups: dict[int, Group] = {}  # started, not yet trained
         self.error: BaseException | None = None
+        self.adaptive, self.lazy, self._streak = adaptive, False, 0
+        self.on_lift: Callable[[], None] | None = None  # called when adaptive admission reopens the bound
         self._cv = threading.Condition()
 
     # ---------------------------------------------------------------- producer side
     def may_start(self) -> bool:
-        return self.next_index < (self.eta + self.step + 1) * self.B
+        if self.next_index >= (self.eta + self.step + 1) * self.B:
+            return False
+        return not self.lazy or len(self.groups) < self.B
 
     def try_start(self) -> Group | None:
         with self._cv:
@@ -104,11 +118,19 @@ class StalenessBuffer:
     def take(self, timeout: float | None = None) -> list[Group]:
         """Block until `pick` gives a batch; remove and return it."""
         with self._cv:
+            waited = self.error is None and self.pick() is None
+            if self.adaptive and waited:  # generation is behind: open the full bound at once
+                self._streak, lifted, self.lazy = 0, self.lazy, False
+                if lifted and self.on_lift is not None:
+                    self.on_lift()
             ok = self._cv.wait_for(lambda: self.error is not None or self.pick() is not None, timeout)
             if self.error is not None:
                 raise RuntimeError(f"rollout failed: {self.error}") from self.error
             if not ok:
                 raise TimeoutError(f"no batch after {timeout} s ({self.stats()})")
+            if self.adaptive and not waited:
+                self._streak += 1
+                self.lazy = self._streak >= self.READY_STREAK
             batch = self.pick()
             for g in batch:
                 del self.groups[g.index]
@@ -123,7 +145,8 @@ class StalenessBuffer:
 
     def stats(self) -> dict:
         done = sum(g.trajs is not None for g in self.groups.values())
-        return {"finished": done, "in_flight": len(self.groups) - done, "started": self.next_index}
+        return {"finished": done, "in_flight": len(self.groups) - done, "started": self.next_index,
+                "lazy": int(self.lazy)}
 
 
 def group_seed(seed: int, index: int) -> int:
@@ -311,8 +334,10 @@ def run_async(cfg, engine, workflow, trainer, train_samples, start_step: int, en
     # an engine process loads with its own transport (ProcessEngine.transport); others per rollout.weight_sync
     if sync is None:
         sync = WeightSync([rollout]) if owned else make_weight_sync(opts.weight_sync, [rollout], opts.weights_dir or None)
-    buffer = StalenessBuffer(B, eta, start_step, trainer.version)
+    buffer = StalenessBuffer(B, eta, start_step, trainer.version,
+                             adaptive=cfg.rollout.admission == "adaptive")
     producer = Producer(buffer, rollout, workflow, _sample_lookup(cfg, train_samples, B), cfg.run.seed, B).start()
+    buffer.on_lift = producer.wakeup
     t_start = time.perf_counter()
     step, local_stale = start_step, False
     try:
