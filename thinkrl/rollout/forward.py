@@ -71,7 +71,7 @@ def pick_linear(device: torch.device, dtype: torch.dtype, shape: tuple[int, int,
                 reps: int = 8):
     """The faster fp32 linear kernel on this CPU for [rows, in] x [out, in]^T = `shape` (rows, in, out): F.linear
     (MKL) or oneDNN's, timed here, interleaved, best of 3 rounds. Which one wins depends on the CPU: oneDNN
-    measured 2-2.5x faster on an AMD EPYC, MKL 7-10% faster per decode step on an Intel Xeon (AMX)."""
+    measured 2-2.5x faster on an AMD CPU, MKL 7-10% faster per decode step on an Intel Xeon (AMX)."""
     alt = _mkldnn_linear() if device.type == "cpu" and dtype == torch.float32 else None
     if alt is None:
         return F.linear
