@@ -29,15 +29,14 @@ def test_bundles_and_option_errors():
 
 
 @pytest.mark.slow
-def test_a_few_steps_on_local_ray(tmp_path, monkeypatch):
+def test_a_few_steps_on_local_ray(tmp_path):
     ray = pytest.importorskip("ray")
     import thinkrl.system.train as T
-    from thinkrl.system.async_ import run_rl
 
-    monkeypatch.setattr(T, "run_sync", run_rl, raising=False)  # until train_rl calls run_rl itself
     cfg = load_config(None, TINY + [f"run.output_dir={tmp_path}", "train.steps=3", "rollout.mode=async",
-                                    "rollout.max_staleness=1", "algo.entropy_coef=0.01"])  # a gradient
-    cfg.cluster = types.SimpleNamespace(backend="ray", num_engines=1, engine_cpus=1, trainer_cpus=1, num_cpus=2)
+                                    "rollout.max_staleness=1", "algo.entropy_coef=0.01",  # a gradient
+                                    "cluster.backend=ray", "cluster.num_engines=1", "cluster.engine_cpus=1",
+                                    "cluster.trainer_cpus=1", "cluster.num_cpus=2"])
     try:
         res = T.train_rl(cfg)
     finally:
