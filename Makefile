@@ -27,7 +27,9 @@ quickstart: venv
 test: venv
 	$(BIN)/python -m pytest -q
 
+# the slow suite also runs the Ray and TRL end-to-end tests: install their extras (skipped without them)
 test-slow: venv
+	$(BIN)/python -m pip install --quiet -e '.[test,ray,bench]'
 	$(BIN)/python -m pytest -q -m slow
 
 bench: venv
