@@ -123,8 +123,8 @@ class SlotState:
         for name, vals in cols.items():
             t = getattr(self, name)
             t[idx] = torch.tensor(vals, dtype=t.dtype, device=t.device)
-        steps = torch.arange(self.u.shape[1], device=self.u.device)
-        self.u[idx] = uniforms(self.seed[idx][:, None], steps[None])
+        steps = torch.arange(max(max_new), device=self.u.device)  # no sequence samples past its max_new
+        self.u[idx, : len(steps)] = uniforms(self.seed[idx][:, None], steps[None])
 
     def clear(self, idx: torch.Tensor) -> None:
         self.active[idx] = False
