@@ -74,7 +74,8 @@ def matmul_peak_flops(device: torch.device, n: int = 2048, reps: int = 5) -> flo
 
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     best = float("inf")
-    for f in [torch.matmul] + ([_mkldnn_linear()] if device.type == "cpu" and _mkldnn_linear() else []):
+    onednn = _mkldnn_linear() if device.type == "cpu" else None
+    for f in [torch.matmul] + ([onednn] if onednn else []):
         for _ in range(reps + 1):
             if device.type == "cuda":
                 torch.cuda.synchronize()

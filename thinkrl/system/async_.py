@@ -70,9 +70,14 @@ class StalenessBuffer:
         self.next_index = start_step * batch_groups
         self.groups: dict[int, Group] = {}  # started, not yet trained
         self.error: BaseException | None = None
-        self.adaptive, self.lazy, self._streak = adaptive, False, 0
+        self.adaptive, self._streak = adaptive, 0  # streak: takes in a row that found their batch ready
         self.on_lift: Callable[[], None] | None = None  # called when adaptive admission reopens the bound
         self._cv = threading.Condition()
+
+    @property
+    def lazy(self) -> bool:
+        """Adaptive admission holds the producer to one batch ahead of the trainer."""
+        return self.adaptive and self._streak >= self.READY_STREAK
 
     # ---------------------------------------------------------------- producer side
     def may_start(self) -> bool:
@@ -119,8 +124,8 @@ class StalenessBuffer:
         """Block until `pick` gives a batch; remove and return it."""
         with self._cv:
             waited = self.error is None and self.pick() is None
-            if self.adaptive and waited:  # generation is behind: open the full bound at once
-                self._streak, lifted, self.lazy = 0, self.lazy, False
+            if waited:  # generation is behind: adaptive admission opens the full bound at once
+                lifted, self._streak = self.lazy, 0
                 if lifted and self.on_lift is not None:
                     self.on_lift()
             ok = self._cv.wait_for(lambda: self.error is not None or self.pick() is not None, timeout)
@@ -128,9 +133,8 @@ class StalenessBuffer:
                 raise RuntimeError(f"rollout failed: {self.error}") from self.error
             if not ok:
                 raise TimeoutError(f"no batch after {timeout} s ({self.stats()})")
-            if self.adaptive and not waited:
+            if not waited:
                 self._streak += 1
-                self.lazy = self._streak >= self.READY_STREAK
             batch = self.pick()
             for g in batch:
                 del self.groups[g.index]
