@@ -108,7 +108,8 @@ class TrainConfig:
     sft_lr: float = 3e-3
     sft_batch_size: int = 64
     sft_warmup_steps: int = 0
-    save_every: int = 0  # RL steps between checkpoints (0: at the end only)
+    save_every: int = 0  # RL and SFT steps between checkpoints (0: at the end only)
+    keep_checkpoints: int = 2  # the newest checkpoints kept (older ones are deleted); resume falls back to them
 
 
 @dataclass
@@ -334,6 +335,7 @@ def validate(cfg: Config) -> Config:
     need(cfg.train.sft_steps >= 0, "train.sft_steps", "must be >= 0")
     need(cfg.train.sft_lr > 0, "train.sft_lr", "must be > 0")
     need(cfg.train.sft_batch_size >= 1, "train.sft_batch_size", "must be >= 1")
+    need(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     need(len(cfg.train.betas) == 2 and all(0 <= b < 1 for b in cfg.train.betas), "train.betas", "must be two numbers in [0, 1)")
     one_of("train.lr_schedule", ["constant", "cosine", "linear"])
     one_of("train.parallel", ["ddp", "fsdp2"])
