@@ -309,3 +309,36 @@ def test_real_engine_tool_episode(memorised, tok, kind):
                 assert abs(got - ref[i - 1]) < 1e-3, (i, got, ref[i - 1])
             else:
                 assert got == 0.0
+
+
+# ----------------------------------------------------------------------------- per-call sampling
+
+
+def test_with_sampling_keeps_the_tools_and_the_prompt_cache(tok):
+    task = make_task("calculator", {}, "calc")
+    wf = ToolWorkflow(task, tok, SamplingParams(max_new_tokens=32, temperature=1.0), n=8, max_turns=2)
+    greedy = wf.with_sampling(SamplingParams(max_new_tokens=16, temperature=0.0, stop=["STOP"]), 1)
+    assert (greedy.n, greedy.params.temperature, greedy.params.stop) == (1, 0.0, ["STOP", "</calc>"])
+    assert greedy.max_total_tokens == 16 * 3 and greedy.tools is wf.tools  # budget follows the new params
+    assert (wf.n, wf.params.temperature, wf.params.max_new_tokens, wf.max_total_tokens) == (8, 1.0, 32, 96)
+    wf.prompt_ids(SAMPLE)
+    assert greedy._prompt_cache is wf._prompt_cache
+    [t] = run(ScriptedEngine(tok, calc_script), greedy, SAMPLE)
+    assert t.reward == 1.0 and t.metrics["tool_calls"] == 1
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        wf.with_sampling(SamplingParams(), 0)
+
+
+def test_seeded_branches_continue_with_their_own_seeds(tok):
+    task = make_task("calculator", {}, "calc")
+    eng = ScriptedEngine(tok, lambda ctx, j: "<calc>1+1</calc>")
+    run(eng, ToolWorkflow(task, tok, SamplingParams(max_new_tokens=32, seed=1234), n=3, max_turns=2), SAMPLE)
+    first, rest = eng.calls[0], eng.calls[1:]
+    assert first["params"].seed == 1234 and first["n"] == 3 and len(rest) == 3 * 2
+    assert len({c["params"].seed for c in rest}) == 6  # one seed per (branch, turn)
+    again = ScriptedEngine(tok, lambda ctx, j: "<calc>1+1</calc>")
+    run(again, ToolWorkflow(task, tok, SamplingParams(max_new_tokens=32, seed=1234), n=3, max_turns=2), SAMPLE)
+    assert sorted(c["params"].seed for c in again.calls) == sorted(c["params"].seed for c in eng.calls)  # reproducible
+    unseeded = ScriptedEngine(tok, lambda ctx, j: "<calc>1+1</calc>")
+    run(unseeded, ToolWorkflow(task, tok, SamplingParams(max_new_tokens=32), n=3, max_turns=2), SAMPLE)
+    assert {c["params"].seed for c in unseeded.calls} == {None}  # unseeded requests draw from the engine's RNG

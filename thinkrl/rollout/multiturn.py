@@ -63,7 +63,6 @@ class ToolWorkflow(SingleTurnWorkflow):
     def __init__(self, task, tokenizer, params: SamplingParams, n: int, tools: dict[str, Callable] | None = None,
                  max_turns: int | None = None, max_total_tokens: int | None = None, mode: str = "inline",
                  result_format: str = "<result>{}</result>", max_result_chars: int = 200, scorer=None):
-        super().__init__(task, tokenizer, params, n, scorer=scorer)  # prompt_ids and its cache
         self.tools = dict(getattr(task, "tools", {}) if tools is None else tools)
         for name, fn in self.tools.items():
             if not isinstance(name, str) or not _TAG.match(name):
@@ -78,9 +77,23 @@ class ToolWorkflow(SingleTurnWorkflow):
         if "{}" not in result_format:
             raise ValueError(f"ToolWorkflow: result_format must contain '{{}}', got {result_format!r}")
         self.mode, self.result_format, self.max_result_chars = mode, result_format, max_result_chars
+        self._max_total_tokens = max_total_tokens  # None: derived from each params' max_new_tokens
+        # the tools and budgets above are set first: _set_sampling (run by the base __init__) reads them
+        super().__init__(task, tokenizer, params, n, scorer=scorer)
+
+    def _set_sampling(self, params: SamplingParams, n: int) -> None:
+        """Every params this workflow samples with also stops at the tools' closing tags."""
         closes = [f"</{name}>" for name in self.tools]
-        self.params = replace(params, stop=list(params.stop) + [c for c in closes if c not in params.stop])
-        self.max_total_tokens = max_total_tokens or params.max_new_tokens * (self.max_turns + 1)
+        super()._set_sampling(replace(params, stop=list(params.stop) + [c for c in closes if c not in params.stop]), n)
+        self.max_total_tokens = self._max_total_tokens or params.max_new_tokens * (self.max_turns + 1)
+
+    def turn_params(self, branch: int, turn: int, max_new_tokens: int) -> SamplingParams:
+        """Params of a continuation after a tool result. A seeded request gives each (branch, turn) its own
+        seed, so the n branches of a seeded episode do not all continue with the same random draws."""
+        p = replace(self.params, max_new_tokens=min(self.params.max_new_tokens, max_new_tokens))
+        if p.seed is not None:
+            p = replace(p, seed=(p.seed * 1_000_003 + branch * 7919 + turn) & 0x7FFFFFFF)
+        return p
 
     # ------------------------------------------------------------------ pieces
     def _first_close(self, text: str) -> tuple[int, str] | None:
@@ -136,7 +149,7 @@ class ToolWorkflow(SingleTurnWorkflow):
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # ------------------------------------------------------------------ episodes
-    async def _branch(self, engine, prompt: list[int], gen: Generation) -> _Episode:
+    async def _branch(self, engine, prompt: list[int], gen: Generation, branch: int) -> _Episode:
         ep = _Episode()
         while True:
             gen, call = self.cut_turn(gen)
@@ -153,19 +166,15 @@ class ToolWorkflow(SingleTurnWorkflow):
             if left <= 0:
                 ep.finish = "length"
                 break
-            params = replace(self.params, max_new_tokens=min(self.params.max_new_tokens, left))
-            gen = (await engine.generate(prompt + ep.tokens, params, 1))[0]
+            gen = (await engine.generate(prompt + ep.tokens, self.turn_params(branch, ep.turns, left), 1))[0]
         return ep
 
     async def run_episode(self, engine, sample: Sample, group_id: str | None = None) -> list[Trajectory]:
         prompt = self.prompt_ids(sample)
         first = await engine.generate(prompt, self.params, self.n)  # the n branches share the first prefill
-        eps = await asyncio.gather(*[self._branch(engine, prompt, g) for g in first])
+        eps = await asyncio.gather(*[self._branch(engine, prompt, g, i) for i, g in enumerate(first)])
         texts = [self.tokenizer.decode(e.tokens, skip_special_tokens=True) for e in eps]
-        if self.scorer is not None:
-            rewards = await self.scorer(self.task, [(t, sample) for t in texts])
-        else:
-            rewards = [float(self.task.reward(t, sample)) for t in texts]
+        rewards = await self.score(texts, sample)
         P, gid = len(prompt), group_id or sample.id
         return [
             Trajectory(
