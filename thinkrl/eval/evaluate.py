@@ -1,11 +1,16 @@
-"""Evaluation: greedy pass@1 and sampled mean@k / pass@k on a held-out set."""
+"""Evaluation: greedy pass@1 and sampled mean@k / pass@k on a held-out set.
+
+Every answer is one episode of the task's workflow (the one training runs: a tool task is evaluated with
+its tools), and an answer is correct when its raw reward >= `correct_threshold` (``algo.correct_threshold``).
+"""
 from __future__ import annotations
 
 from math import comb
 
-from thinkrl.data.chat import encode_prompt
-from thinkrl.rollout.base import generate_all
+from thinkrl.rollout.workflow import run_batched
 from thinkrl.types import Sample, SamplingParams
+
+EVAL_SEED = 1234  # the sampled evaluation's seed: the same draws at every evaluation, comparable across runs
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -15,32 +20,31 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - comb(n - c, k) / comb(n, k)
 
 
-def evaluate(engine, tokenizer, task, samples: list[Sample], max_new_tokens: int, k: int = 0,
-             temperature: float = 1.0, batch_size: int = 256, stop_token_ids: list[int] | None = None) -> dict:
-    """Returns {"acc/greedy", "reward/greedy", and with k > 0: "acc/mean@k", "pass@k"}."""
-    prompts = [encode_prompt(tokenizer, task.build_prompt(s)) for s in samples]
-    stops = list(stop_token_ids or [tokenizer.eos_token_id])
-    greedy = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=stops)
-    rewards = []
-    for i in range(0, len(prompts), batch_size):
-        gens = generate_all(engine, prompts[i : i + batch_size], greedy, 1)
-        for g, s in zip(gens, samples[i : i + batch_size]):
-            rewards.append(float(task.reward(tokenizer.decode(g[0].tokens, skip_special_tokens=True), s)))
+def evaluate(engine, workflow, samples: list[Sample], max_new_tokens: int, *, correct_threshold: float,
+             k: int = 0, temperature: float = 1.0, batch_size: int = 256) -> dict:
+    """Returns {"acc/greedy", "reward/greedy", "eval/n", and with k > 0: "acc/mean@k", "pass@k"}.
+
+    `workflow` is the task's workflow (`system.setup.make_workflow`); evaluation runs copies of it that sample
+    greedily (n=1), and with k > 0 at `temperature` with seed `EVAL_SEED` (k episodes per prompt). At most
+    `batch_size` answers are generated at a time. An episode the workflow drops counts as wrong, reward 0."""
+    stops = list(workflow.params.stop_token_ids)
+    greedy = workflow.with_sampling(SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0,
+                                                   stop_token_ids=stops), 1)
+    rewards = [trajs[0].reward if trajs else 0.0 for trajs in run_batched(engine, greedy, samples, batch_size)]
     out = {
-        "acc/greedy": sum(r >= 1.0 for r in rewards) / max(len(rewards), 1),
+        "acc/greedy": sum(r >= correct_threshold for r in rewards) / max(len(rewards), 1),
         "reward/greedy": sum(rewards) / max(len(rewards), 1),
         "eval/n": len(samples),
     }
     if k > 0:
-        sampled = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, stop_token_ids=stops, seed=1234)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, stop_token_ids=stops,
+                                seed=EVAL_SEED)
+        sampled = workflow.with_sampling(params, k)
         correct, pk = [], []
-        per = max(1, batch_size // k)
-        for i in range(0, len(prompts), per):
-            gens = generate_all(engine, prompts[i : i + per], sampled, k)
-            for g, s in zip(gens, samples[i : i + per]):
-                c = sum(float(task.reward(tokenizer.decode(x.tokens, skip_special_tokens=True), s)) >= 1.0 for x in g)
-                correct.append(c / k)
-                pk.append(pass_at_k(k, c, k))
-        out[f"acc/mean@{k}"] = sum(correct) / len(correct)
-        out[f"pass@{k}"] = sum(pk) / len(pk)
+        for trajs in run_batched(engine, sampled, samples, max(1, batch_size // k)):
+            c = sum(t.reward >= correct_threshold for t in trajs)
+            correct.append(c / k)
+            pk.append(pass_at_k(k, c, k))
+        out[f"acc/mean@{k}"] = sum(correct) / max(len(correct), 1)
+        out[f"pass@{k}"] = sum(pk) / max(len(pk), 1)
     return out

@@ -28,8 +28,10 @@ def eval_max_tokens(cfg) -> int:
 
 
 def run_eval(cfg, engine, run, k: int | None = None) -> dict:
-    return evaluate(engine, run.tokenizer, run.task, run.eval_samples, eval_max_tokens(cfg),
-                    k=cfg.eval.k if k is None else k, temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size)
+    """Held-out accuracy through the task's workflow (the one training runs), at algo.correct_threshold."""
+    return evaluate(engine, make_workflow(cfg, run), run.eval_samples, eval_max_tokens(cfg),
+                    correct_threshold=cfg.algo.correct_threshold, k=cfg.eval.k if k is None else k,
+                    temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size)
 
 
 def close_engine(engine) -> None:
