@@ -6,6 +6,7 @@ checkpoint directory) runs the same command through the real engine for the mech
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
@@ -13,7 +14,7 @@ import pytest
 
 import thinkrl.system.setup as setup
 from thinkrl.cli import main as cli_main
-from thinkrl.data.filter import format_histogram, hist_path_for, histogram, in_range, main, parse_keep
+from thinkrl.data.filter import count_correct, format_histogram, hist_path_for, histogram, in_range, main, parse_keep
 from thinkrl.tasks import make_task
 from thinkrl.types import Generation
 
@@ -40,21 +41,27 @@ def test_range_and_histogram():
     assert "k=2, 3 prompts, 2 kept" in text
 
 
+def gen(tok, text):
+    toks = tok(text, add_special_tokens=False)["input_ids"]
+    return Generation(toks, [0.0] * len(toks), [0] * len(toks), "stop")
+
+
 class ScriptedEngine:
-    """For prompt 'a+b': c = (a+b) % (k+1) correct answers out of k."""
+    """For prompt 'a+b': c = (a+b) % (k+1) correct answers out of k. Counts its calls and the most in flight."""
 
     def __init__(self, tok):
-        self.tok, self.calls = tok, 0
+        self.tok, self.calls, self.inflight, self.max_inflight = tok, 0, 0, 0
 
-    def generate_batch(self, prompts, params, n):
+    async def generate(self, prompt, params, n):
         self.calls += 1
-        out = []
-        for p in prompts:
-            a, b = map(int, re.search(r"(\d+)\+(\d+)", self.tok.decode(p)).groups())
-            c = (a + b) % (n + 1)
-            texts = [f"\\boxed{{{a + b}}}"] * c + ["\\boxed{-1}"] * (n - c)
-            out.append([Generation(self.tok(t, add_special_tokens=False)["input_ids"], [0.0], [0], "stop") for t in texts])
-        return out
+        self.inflight += 1
+        self.max_inflight = max(self.max_inflight, self.inflight)
+        await asyncio.sleep(0)  # let the other episodes of the batch start
+        self.inflight -= 1
+        a, b = map(int, re.search(r"(\d+)\+(\d+)", self.tok.decode(prompt)).groups())
+        c = (a + b) % (n + 1)
+        texts = [f"\\boxed{{{a + b}}}"] * c + ["\\boxed{-1}"] * (n - c)
+        return [gen(self.tok, t) for t in texts]
 
     def close(self):
         self.closed = True
@@ -77,7 +84,8 @@ def test_kept_set_and_histogram_are_exact(tmp_path, scripted, capsys):
     k, n = 8, 40
     rc = main(["--model", "micro", "--task", "arithmetic", "--data", f"generated:{n}", "--k", str(k), "--keep", "0.2:0.625",
                "--out", str(out), "--batch-size", "16", "-q", "run.seed=3", *TINY])
-    assert rc == 0 and scripted[0].calls == 3 and scripted[0].closed  # 40 prompts in batches of 16
+    assert rc == 0 and scripted[0].calls == 40 and scripted[0].closed
+    assert scripted[0].max_inflight == 16  # 40 prompts in batches of 16
     samples = make_task("arithmetic").generate(n, seed=3)
     want_c = [s.answer % (k + 1) for s in samples]
     rows = [json.loads(x) for x in out.read_text().splitlines()]
@@ -105,6 +113,62 @@ def test_file_rows_keep_their_fields(tmp_path, scripted):
     assert rows == [{"question": "3+4", "gold": 7, "src": "row0", "pass_rate": 0.5},
                     {"question": "1+1", "gold": 2, "src": "row1", "pass_rate": 0.5},
                     {"question": "9+9", "gold": 18, "src": "row2", "pass_rate": 0.75}]
+
+
+def test_threshold_comes_from_the_config(tmp_path, scripted):
+    # the scripted answers have reward 1.0 or 0.0: above a threshold of 1.5 nothing is correct
+    out = tmp_path / "kept.jsonl"
+    main(["--model", "micro", "--task", "arithmetic", "--data", "generated:6", "--k", "4", "--keep", "0:1", "--out", str(out),
+          "-q", "algo.correct_threshold=1.5", *TINY])
+    assert json.loads(hist_path_for(out).read_text())["counts"] == [6, 0, 0, 0, 0]
+
+
+class ToolEngine:
+    """Calls the calculator on the question, then boxes the tool's result: right only when tools run."""
+
+    def __init__(self, tok):
+        self.tok, self.params = tok, []
+
+    async def generate(self, prompt, params, n):
+        self.params.append(params)
+        context = self.tok.decode(prompt, skip_special_tokens=False)
+        m = re.search(r"<result>([^<]*)</result>$", context)
+        text = f" \\boxed{{{m.group(1)}}}<|end|>" if m else "<calc>" + re.findall(r"What is (.+?)\?", context)[-1] + "</calc>"
+        return [gen(self.tok, text) for _ in range(n)]
+
+    def close(self):
+        pass
+
+
+def test_tool_task_is_filtered_with_its_tools(tmp_path, monkeypatch):
+    engines = []
+    monkeypatch.setattr(setup, "make_inference_engine", lambda cfg, model, tok, version=0: engines.append(ToolEngine(tok)) or engines[-1])
+    out = tmp_path / "kept.jsonl"
+    main(["--model", "micro", "--task", "calculator", "--data", "generated:5", "--k", "3", "--keep", "1:1", "--out", str(out),
+          "-q", *TINY, "rollout.max_new_tokens=64"])
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 5 and all(r["pass_rate"] == 1.0 for r in rows)  # without the tool loop every answer is wrong
+    assert all("</calc>" in p.stop for p in engines[0].params)
+
+
+def test_count_correct_runs_the_workflow_at_the_threshold(tok):
+    from thinkrl.rollout.workflow import SingleTurnWorkflow
+    from thinkrl.tasks.base import Task
+    from thinkrl.types import Sample, SamplingParams
+
+    class Graded(Task):
+        def reward(self, response, sample):
+            return {"full": 1.0, "half": 0.5}.get(response.strip(), 0.0)
+
+    class Engine:
+        async def generate(self, prompt, params, n):  # sample j answers 'full' for j < 1, else 'half'
+            return [gen(tok, "full" if j < 1 else "half") for j in range(n)]
+
+    params = SamplingParams(max_new_tokens=8)
+    wf = SingleTurnWorkflow(Graded(), tok, params, 1)
+    samples = [Sample(id=str(i), prompt="q") for i in range(3)]
+    assert count_correct(Engine(), wf, samples, 4, params, 0.5, batch_size=2) == [4, 4, 4]
+    assert count_correct(Engine(), wf, samples, 4, params, 1.0, batch_size=2) == [1, 1, 1]
 
 
 @pytest.mark.parametrize("args, msg", [

@@ -2,8 +2,9 @@
 
     thinkrl filter --model M --task T --data D --k 8 --keep 0.2:0.625 --out kept.jsonl [--config C] [key=value ...]
 
-For every prompt the inference engine samples `k` answers; the pass rate is the fraction whose reward is
->= the pass threshold (``algo.correct_threshold``, default 1.0). Prompts with ``LO <= pass rate <= HI``
+For every prompt the task's workflow runs `k` episodes against the inference engine (the episodes training
+runs: a tool task uses its tools); the pass rate is the fraction whose reward is >= the pass threshold
+(``algo.correct_threshold``). Prompts with ``LO <= pass rate <= HI``
 (both ends included) are written to `--out` as JSONL: the input row's fields plus ``pass_rate``
 (generated data: ``id``, ``prompt``, ``answer``, ``meta``). A histogram of the number of correct answers
 per prompt is printed and saved next to the output (``kept.hist.json``).
@@ -23,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from thinkrl.rollout.base import generate_all
+from thinkrl.rollout.workflow import run_batched
 
 HELP = "offline difficulty filter by pass rate (Light-R1)"
 
@@ -111,21 +112,13 @@ def load_data(spec: str, task, cfg) -> tuple[list, list[dict]]:
 # ----------------------------------------------------------------------------- sampling
 
 
-def count_correct(engine, tokenizer, task, samples, k: int, params, threshold: float = 1.0,
-                  batch_size: int = 64, progress=None) -> list[int]:
-    """Number of correct answers out of `k` samples, per prompt."""
-    from thinkrl.data.chat import encode_prompt
-
-    out: list[int] = []
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i : i + batch_size]
-        prompts = [encode_prompt(tokenizer, task.build_prompt(s)) for s in chunk]
-        for s, gens in zip(chunk, generate_all(engine, prompts, params, k)):
-            texts = [tokenizer.decode(g.tokens, skip_special_tokens=True) for g in gens]
-            out.append(sum(float(task.reward(t, s)) >= threshold for t in texts))
-        if progress:
-            progress(len(out), len(samples))
-    return out
+def count_correct(engine, workflow, samples, k: int, params, threshold: float, batch_size: int = 64,
+                  progress=None) -> list[int]:
+    """Number of correct answers (raw reward >= `threshold`) out of `k` episodes of the task's `workflow`
+    sampled with `params`, per prompt; `batch_size` prompts at a time."""
+    sampled = workflow.with_sampling(params, k)
+    return [sum(t.reward >= threshold for t in trajs)
+            for trajs in run_batched(engine, sampled, samples, batch_size, progress)]
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -142,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", help="YAML config (task params, data fields, rollout settings)")
     p.add_argument("--max-new-tokens", type=int, help="default: rollout.max_new_tokens")
     p.add_argument("--temperature", type=float, help="default: rollout.temperature")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per engine call (default 64)")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts in flight at a time (default 64)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. task.params.max_digits=2")
     return p
@@ -172,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--out {out}: is a directory; give a file path")
 
     from thinkrl.device import resolve_device, set_threads
-    from thinkrl.system.setup import make_inference_engine, seed_everything
+    from thinkrl.system.setup import Run, make_inference_engine, make_workflow, seed_everything
     from thinkrl.tasks import make_task
     from thinkrl.types import SamplingParams
 
@@ -180,20 +173,22 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(cfg.run.threads)
     task = make_task(cfg.task.name, cfg.task.params, cfg.task.system_prompt)
     samples, rows = load_data(a.data, task, cfg)
-    model, tok = load_model(a.model, cfg, resolve_device(cfg.run.device))
+    device = resolve_device(cfg.run.device)
+    model, tok = load_model(a.model, cfg, device)
     model.eval()
     r = cfg.rollout
     params = SamplingParams(max_new_tokens=a.max_new_tokens or r.max_new_tokens,
                             temperature=r.temperature if a.temperature is None else a.temperature,
                             top_p=r.top_p, top_k=r.top_k, stop_token_ids=[tok.eos_token_id], seed=cfg.run.seed)
     engine = make_inference_engine(cfg, model, tok)
+    workflow = make_workflow(cfg, Run(cfg, device, model, tok, task, samples, []))  # the episodes training runs
 
     def progress(done: int, total: int) -> None:
         if not a.quiet:
             print(f"\rfilter: {done}/{total} prompts", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
     try:
-        correct = count_correct(engine, tok, task, samples, a.k, params, cfg.algo.correct_threshold,
+        correct = count_correct(engine, workflow, samples, a.k, params, cfg.algo.correct_threshold,
                                 a.batch_size, progress)
     finally:
         if hasattr(engine, "close"):
