@@ -19,20 +19,43 @@ def build_sft_examples(tokenizer, task, samples: list[Sample], seed: int = 0) ->
     return out
 
 
+class BatchOrder:
+    """Batch `step` of SFT as a pure function of (seed, step), so a resumed run sees the same batches.
+
+    The batches cut one stream into `batch_size` pieces: the concatenation of successive shuffles of
+    range(n) drawn from random.Random(seed). Epochs are regenerated from the seed when a step needs them."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self._rng, self._next, self._perms = random.Random(seed), 0, {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch < self._next and epoch not in self._perms:  # an epoch already dropped: replay from the seed
+            self._rng, self._next, self._perms = random.Random(self.seed), 0, {}
+        while self._next <= epoch:
+            perm = list(range(self.n))
+            self._rng.shuffle(perm)
+            self._perms[self._next] = perm
+            self._next += 1
+        return self._perms[epoch]
+
+    def batch(self, step: int) -> list[int]:
+        """Example indices of 0-based step `step`."""
+        lo, hi = step * self.batch_size, (step + 1) * self.batch_size
+        for e in [e for e in self._perms if e < lo // self.n]:  # epochs no later step needs
+            del self._perms[e]
+        return [self._perm(p // self.n)[p % self.n] for p in range(lo, hi)]
+
+
 def run_sft(engine, examples, steps: int, batch_size: int, seed: int = 0, start_step: int = 0,
             time_budget: float | None = None, on_step: Callable[[int, dict], None] | None = None) -> int:
-    """Train `steps` SFT steps (or until `time_budget` seconds pass). Returns the number of steps done."""
-    rng = random.Random(seed)
-    order: list[int] = []
+    """Train from step `start_step` up to step `steps` (or until `time_budget` seconds pass). Step s trains on
+    `BatchOrder(len(examples), batch_size, seed).batch(s)`. Returns the number of steps done."""
+    order = BatchOrder(len(examples), batch_size, seed)
     t0 = time.perf_counter()
     step = start_step
     while step < steps:
-        if len(order) < batch_size:
-            perm = list(range(len(examples)))
-            rng.shuffle(perm)
-            order += perm
-        idx, order = order[:batch_size], order[batch_size:]
-        m = engine.sft_step([examples[i] for i in idx])
+        m = engine.sft_step([examples[i] for i in order.batch(step)])
         step += 1
         if on_step:
             on_step(step, m)
