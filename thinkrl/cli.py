@@ -63,17 +63,16 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_sft(argv: list[str]) -> int:
-    a = _config_parser("sft", COMMANDS["sft"]).parse_intermixed_args(argv)
+    p = _config_parser("sft", COMMANDS["sft"])
+    p.add_argument("--resume", action="store_true", help="continue from the last good checkpoint in run.output_dir")
+    a = p.parse_intermixed_args(argv)
     cfg = _load(a)
     from thinkrl.system.rundir import RunDir
-    from thinkrl.system.setup import build_run
     from thinkrl.system.train import train_sft
 
-    run = build_run(cfg)
     rundir = RunDir(cfg.run.output_dir)
-    trainer, steps = train_sft(cfg, run=run, rundir=rundir)
-    path = rundir.save_checkpoint(steps, run.model, run.tokenizer, trainer)
-    print(f"saved {path}")
+    train_sft(cfg, rundir=rundir, resume=a.resume)  # checkpoints every train.save_every steps and at the end
+    print(f"saved {rundir.checkpoints()[-1]}")
     return 0
 
 

@@ -33,11 +33,10 @@ def quickstart(output: str = "runs/quickstart", control: bool = False, overrides
     # 1. SFT on the teacher's demonstrations
     t0 = time.perf_counter()
     sft_dir = RunDir(out / "sft")
-    sft_trainer, _ = train_sft(cfg, run=run, rundir=sft_dir)
+    sft_trainer, _ = train_sft(cfg, run=run, rundir=sft_dir)  # ends with a checkpoint in sft/checkpoints
     engine = make_inference_engine(cfg, run.model, run.tokenizer)
     sft_eval = run_eval(cfg, engine, run, k=0)
     close_engine(engine)
-    sft_dir.save_checkpoint(cfg.train.sft_steps, run.model, run.tokenizer, sft_trainer)
     sft_seconds = time.perf_counter() - t0
     echo(f"  SFT: {cfg.train.sft_steps} steps, {sft_seconds:.0f}s, greedy accuracy {sft_eval['acc/greedy']:.3f}")
     sft_state = copy.deepcopy(run.model.state_dict()) if control else None

@@ -1,16 +1,56 @@
-"""The run directory: resolved config, metrics.jsonl, checkpoints (Hugging Face format) and resume."""
+"""The run directory: the resolved config (config.yaml), metrics.jsonl, checkpoints/ and what `--resume` checks.
+
+    rundir = RunDir(cfg.run.output_dir)
+    rundir.write_config(cfg, resume)                   # on resume: stops if the config would change the results
+    ckpt = rundir.resume_checkpoint()                  # newest verified checkpoint (warns about bad ones)
+    state = load_state(ckpt); set_rng_state(state["rng"]); ...
+    rundir.save_checkpoint(step, model, tokenizer, {"trainer": ..., "rng": rng_state(), ...}, keep)
+
+The checkpoint format and its atomic write are in `thinkrl/system/checkpoint.py`.
+"""
 from __future__ import annotations
 
 import json
-import random
-import re
-import shutil
+import logging
 from pathlib import Path
 
-import numpy as np
-import torch
+import yaml
 
-STATE_FILE = "trainer_state.pt"
+from thinkrl.config import Config, ConfigError
+from thinkrl.system.checkpoint import good_checkpoint, list_checkpoints, remove_leftovers, write_checkpoint
+# what a caller needs beside RunDir to resume, importable from here too
+from thinkrl.system.checkpoint import load_state, load_weights_into, rng_state, set_rng_state  # noqa: F401
+
+log = logging.getLogger("thinkrl")
+
+# Keys a resumed run may change: they decide how long it runs and what it reports, not what it computes.
+RESUME_MAY_DIFFER = ("train.steps", "train.save_every", "train.keep_checkpoints", "log.", "eval.", "run.output_dir",
+                     "run.threads")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume_config(saved: dict, cfg) -> None:
+    """Raise ConfigError naming the keys where `cfg` differs from a run's saved config in ways that change results.
+
+    A key the saved config lacks (a field added since) compares as its default."""
+    as_saved = lambda c: _flatten(yaml.safe_load(yaml.safe_dump(c.to_dict())))  # noqa: E731  (YAML's types)
+    old = {**as_saved(Config()), **_flatten(saved)}
+    new = as_saved(cfg)
+    keys = sorted(set(old) | set(new))
+    differ = [k for k in keys if old.get(k) != new.get(k)
+              and not any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUME_MAY_DIFFER)]
+    if differ:
+        raise ConfigError(f"--resume: the config differs from the run's in {', '.join(differ)}; "
+                          "start a new run.output_dir or restore them")
 
 
 class RunDir:
@@ -18,7 +58,15 @@ class RunDir:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.path / "metrics.jsonl"
+        self.config_path = self.path / "config.yaml"
         self.ckpt_root = self.path / "checkpoints"
+
+    # ------------------------------------------------------------------ config
+    def write_config(self, cfg, resume: bool = False) -> None:
+        """Save the resolved config; on resume first check it against the saved one (`check_resume_config`)."""
+        if resume and self.config_path.exists():
+            check_resume_config(yaml.safe_load(self.config_path.read_text()) or {}, cfg)
+        cfg.save(self.config_path)
 
     # ------------------------------------------------------------------ metrics
     def log(self, record: dict) -> None:
@@ -36,68 +84,25 @@ class RunDir:
         self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
     # ------------------------------------------------------------------ checkpoints
-    def checkpoint_dir(self, step: int) -> Path:
-        return self.ckpt_root / f"step_{step:06d}"
-
-    def save_checkpoint(self, step: int, model, tokenizer, trainer=None, extra: dict | None = None, keep_last: int = 2) -> Path:
-        d = self.checkpoint_dir(step)
-        tmp = d.with_name(d.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        state = {
-            "step": step,
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-            "extra": extra or {},
-        }
-        if trainer is not None:
-            state["trainer"] = trainer.state_dict()
-        torch.save(state, tmp / STATE_FILE)
-        if d.exists():
-            shutil.rmtree(d)
-        tmp.rename(d)  # a checkpoint directory is complete or absent
-        (self.ckpt_root / "latest").write_text(d.name)
-        if keep_last:
-            for old in self.checkpoints()[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        return d
+    def save_checkpoint(self, step: int, model, tokenizer, state: dict, keep: int) -> Path:
+        """Atomically write checkpoints/step_NNNNNN (HF model + `state` + manifest); keep the newest `keep`."""
+        return write_checkpoint(self.ckpt_root, step, model, tokenizer, state, keep)
 
     def checkpoints(self) -> list[Path]:
-        if not self.ckpt_root.exists():
-            return []
-        found = [p for p in self.ckpt_root.iterdir() if p.is_dir() and re.fullmatch(r"step_\d+", p.name)]
-        return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+        """Finished checkpoint directories, oldest first (not verified)."""
+        return list_checkpoints(self.ckpt_root)
 
-    def last_checkpoint(self) -> Path | None:
-        c = self.checkpoints()
-        return c[-1] if c else None
+    def good_checkpoint(self) -> tuple[Path | None, list[str]]:
+        """(newest checkpoint whose manifest verifies or None, one warning line per bad newer one)."""
+        return good_checkpoint(self.ckpt_root)
 
-
-def load_trainer_state(ckpt: Path, trainer=None) -> dict:
-    state = torch.load(ckpt / STATE_FILE, weights_only=False)
-    if trainer is not None and "trainer" in state:
-        trainer.load_state_dict(state["trainer"])
-    rng = state.get("rng")
-    if rng:
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-    return state
-
-
-def load_weights_into(model, ckpt: Path) -> None:
-    """Load a checkpoint's weights into an existing model (same architecture)."""
-    from safetensors.torch import load_file
-
-    files = sorted(ckpt.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{ckpt}: no safetensors weights")
-    sd = {}
-    for f in files:
-        sd.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied embeddings are saved once
-    if missing or unexpected:
-        raise ValueError(f"{ckpt}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    def resume_checkpoint(self) -> Path:
+        """The checkpoint `--resume` continues from: warns (one line each) about bad ones, raises if none is good."""
+        ckpt, warnings = self.good_checkpoint()
+        for w in warnings:
+            log.warning(w)
+        if ckpt is None:
+            why = f" ({len(warnings)} found, none verifies: {warnings[0]})" if warnings else ""
+            raise ValueError(f"--resume: no checkpoint in {self.ckpt_root}{why}")
+        remove_leftovers(self.ckpt_root)
+        return ckpt

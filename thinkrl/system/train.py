@@ -8,7 +8,8 @@ import time
 from tqdm.auto import tqdm
 
 from thinkrl.eval.evaluate import evaluate
-from thinkrl.system.rundir import RunDir, load_trainer_state, load_weights_into
+from thinkrl.system.checkpoint import load_state, load_weights_into, rng_state, set_rng_state
+from thinkrl.system.rundir import RunDir
 from thinkrl.system.setup import build_run, make_inference_engine, make_workflow
 from thinkrl.system.async_ import run_rl  # sync, async (staleness-bounded) or Ray, per the config
 from thinkrl.train.critic import Critic
@@ -48,13 +49,11 @@ def _extra(critic) -> dict:
 def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, time_budget: float | None = None) -> dict:
     """RL from cfg (model from cfg.run.init_from or cfg.model). Returns the final eval metrics."""
     rundir = rundir or RunDir(cfg.run.output_dir)
-    cfg.save(rundir.path / "config.yaml")
+    rundir.write_config(cfg, resume)  # on resume: first checks that the config would not change the results
     run = run or build_run(cfg)
     ckpt = None
     if resume:
-        ckpt = rundir.last_checkpoint()
-        if ckpt is None:
-            raise ValueError(f"--resume: no checkpoint in {rundir.ckpt_root}")
+        ckpt = rundir.resume_checkpoint()
         load_weights_into(run.model, ckpt)
     # LoRA: the trainer optimises adapters on a wrapped policy; the engine and the checkpoints get plain
     # merged weights (`engine_model`). Resuming a LoRA run restarts the adapters from the merged weights.
@@ -68,17 +67,21 @@ def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, 
     critic = Critic.maybe_create(cfg, run)  # value model for algo.advantage=gae, else None
     start = 0
     if ckpt is not None:
-        state = load_trainer_state(ckpt, trainer if cfg.model.lora_r == 0 else None)
-        trainer.version = state.get("trainer", {}).get("version", trainer.version)
-        if critic is not None and "critic" in state.get("extra", {}):
-            critic.load_state_dict(state["extra"]["critic"])
+        state = load_state(ckpt)
+        if cfg.model.lora_r == 0:
+            trainer.load_state_dict(state["trainer"])
+        trainer.version = state["trainer"]["version"]
+        set_rng_state(state["rng"])
+        if critic is not None:
+            critic.load_state_dict(state["critic"])
         start = state["step"]
         rundir.truncate_metrics(start)
 
     def save(step: int) -> None:
         if engine_model is not policy:
             engine_model.load_state_dict(trainer.export_weights())
-        rundir.save_checkpoint(step, engine_model, run.tokenizer, trainer, extra=_extra(critic))
+        state = {"trainer": trainer.state_dict(), "rng": rng_state(), **_extra(critic)}
+        rundir.save_checkpoint(step, engine_model, run.tokenizer, state, cfg.train.keep_checkpoints)
 
     engine = make_inference_engine(cfg, engine_model, run.tokenizer, version=trainer.version)
     workflow = make_workflow(cfg, run)
@@ -105,27 +108,49 @@ def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, 
     return final
 
 
-def train_sft(cfg, run=None, rundir: RunDir | None = None, steps: int | None = None,
-              time_budget: float | None = None, trainer: TrainEngine | None = None, start_step: int = 0) -> tuple[TrainEngine, int]:
-    """SFT on the task's demonstrations. Returns (trainer, steps done)."""
+def train_sft(cfg, run=None, rundir: RunDir | None = None, steps: int | None = None, time_budget: float | None = None,
+              trainer: TrainEngine | None = None, start_step: int = 0, resume: bool = False) -> tuple[TrainEngine, int]:
+    """SFT on the task's demonstrations from step `start_step` to `start_step + steps` (default train.sft_steps),
+    checkpointed every train.save_every steps (when > 0) and at the end. Step s trains on a batch that is a
+    function of (run.seed, s) only, so `resume` (continue from the run dir's last good checkpoint: weights,
+    optimizer, scheduler, RNG, step) gives the uninterrupted run's results. Returns (trainer, steps done)."""
     rundir = rundir or RunDir(cfg.run.output_dir)
-    cfg.save(rundir.path / "config.yaml")
+    rundir.write_config(cfg, resume)  # on resume: first checks that the config would not change the results
     run = run or build_run(cfg)
     total = steps if steps is not None else cfg.train.sft_steps
+    end = start_step + total if time_budget is None else 10**9
+    ckpt = rundir.resume_checkpoint() if resume else None
+    if ckpt is not None:
+        load_weights_into(run.model, ckpt)
     if trainer is None:
         trainer = TrainEngine(run.model, cfg.train, cfg.algo, lr=cfg.train.sft_lr, total_steps=total,
                               autocast_bf16=cfg.model.autocast_bf16, warmup_steps=cfg.train.sft_warmup_steps)
+    saved = -1
+    if ckpt is not None:
+        state = load_state(ckpt)
+        trainer.load_state_dict(state["trainer"])
+        set_rng_state(state["rng"])
+        start_step = saved = state["step"]
+        rundir.truncate_metrics(start_step)
     examples = build_sft_examples(run.tokenizer, run.task, run.train_samples, seed=cfg.run.seed)
-    bar = _progress(None if time_budget else total, 0, "sft", cfg.log.progress)
+    bar = _progress(None if time_budget else end - start_step, 0, "sft", cfg.log.progress)
+
+    def save(step: int) -> None:
+        nonlocal saved
+        state = {"trainer": trainer.state_dict(), "rng": rng_state()}
+        rundir.save_checkpoint(step, run.model, run.tokenizer, state, cfg.train.keep_checkpoints)
+        saved = step
 
     def on_step(step: int, m: dict) -> None:
-        if step % 10 == 0:
-            rundir.log({"step": step, "phase": "sft", **m})
+        rundir.log({"step": step, "phase": "sft", **m})
         bar.set_postfix(loss=f"{m['loss/sft']:.3f}", refresh=False)
         bar.update(1)
+        if cfg.train.save_every and step % cfg.train.save_every == 0:
+            save(step)
 
-    end = start_step + total if time_budget is None else 10**9
-    done = run_sft(trainer, examples, end, cfg.train.sft_batch_size, seed=cfg.run.seed + start_step,
+    done = run_sft(trainer, examples, end, cfg.train.sft_batch_size, seed=cfg.run.seed,
                    start_step=start_step, time_budget=time_budget, on_step=on_step)
     bar.close()
+    if start_step + done != saved:
+        save(start_step + done)
     return trainer, done

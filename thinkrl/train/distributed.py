@@ -349,8 +349,7 @@ def run_train(cfg, resume: bool = False, start_method: str = "spawn") -> dict | 
     if resume:
         from thinkrl.system.rundir import RunDir
 
-        if RunDir(cfg.run.output_dir).last_checkpoint() is None:
-            raise ValueError(f"--resume: no checkpoint in {RunDir(cfg.run.output_dir).ckpt_root}")
+        RunDir(cfg.run.output_dir).resume_checkpoint()  # no good checkpoint: the one-line error before ranks start
     if under_torchrun():
         if int(os.environ["WORLD_SIZE"]) != world_size:
             raise ValueError(f"train.world_size={world_size} but torchrun started WORLD_SIZE={os.environ['WORLD_SIZE']} processes")
