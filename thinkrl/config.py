@@ -65,7 +65,9 @@ class TaskConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "embedded"  # embedded | remote
+    # embedded (in-process PyTorch engine) | hf (Hugging Face generate on the trainer's own module) | remote
+    # (SGLang/vLLM servers): the names registered in thinkrl.rollout.base (engine_names())
+    engine: str = "embedded"
     n: int = 8  # samples per prompt (group size)
     batch_prompts: int = 16  # prompts per RL step
     max_new_tokens: int = 32
@@ -85,7 +87,15 @@ class RolloutConfig:
     max_concurrency: int = 64  # remote engine: sequences in flight per server
     request_timeout: float = 3600.0  # remote engine: seconds per HTTP request
     max_retries: int = 3  # remote engine: retries per request (exponential backoff)
-    pause_mode: str = "abort"  # remote engine: how servers pause for a weight update (abort | wait)
+    # what a weight load does to in-flight requests (thinkrl.rollout.base.PAUSE_MODES; each engine declares the
+    # modes it supports in caps.pause_modes, and a mode the engine does not support fails at load):
+    #   auto:     the engine's default: in_place for embedded and hf, abort for remote
+    #   in_place: in-flight sequences stop at a token boundary, keep their KV cache and continue with the new
+    #             weights; every token carries the version that produced it (embedded, hf, remote)
+    #   retract:  as in_place, but their KV cache is recomputed with the new weights when they continue (remote)
+    #   abort:    in-flight requests end at once with their partial output; the remote engine resumes those
+    #             samples itself, so they complete (embedded, remote)
+    pause_mode: str = "auto"
     weights_dir: str = ""  # remote engine: shared directory the weights are written to for /update_weights_from_disk
     server_api_key: str = ""  # remote engine: API key (or env THINKRL_SERVER_API_KEY)
 
@@ -308,8 +318,12 @@ def validate(cfg: Config) -> Config:
     need(cfg.rollout.max_staleness >= 0, "rollout.max_staleness", "must be >= 0")
     one_of("rollout.mode", ["sync", "async"])
     one_of("rollout.server_api", ["sglang", "openai"])
-    one_of("rollout.engine", ["embedded", "hf", "remote"])
-    one_of("rollout.pause_mode", ["abort", "wait"])
+    from thinkrl.rollout.base import engine_names, pause_mode_choices  # the engine registry
+
+    one_of("rollout.engine", engine_names())
+    modes = pause_mode_choices(cfg.rollout.engine)
+    need(cfg.rollout.pause_mode in modes, "rollout.pause_mode",
+         f"rollout.engine={cfg.rollout.engine} supports {', '.join(modes)}")
     one_of("rollout.placement", ["auto", "inline", "process"])
     one_of("rollout.admission", ["adaptive", "eager"])
     one_of("rollout.weight_sync", ["auto", "memory", "shm", "disk", "dist", "engine"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from thinkrl.models.micro import build_micro_model
-from thinkrl.rollout.base import ENGINES
+from thinkrl.rollout.base import InferenceEngine, engine_class
 from thinkrl.rollout.engine import EmbeddedEngine
 from thinkrl.rollout.forward import pick_linear
 from thinkrl.rollout.sampling import sample, uniforms
@@ -55,7 +55,7 @@ def max_logprob_diff(model, prompts, groups):
 
 
 def test_registered():
-    assert ENGINES["embedded"] is EmbeddedEngine
+    assert engine_class("embedded") is EmbeddedEngine and issubclass(EmbeddedEngine, InferenceEngine)
 
 
 def test_logprobs_match_hf_mixed_lengths(make, model, tok):
@@ -88,7 +88,7 @@ def test_other_architectures_and_fallback(make, tok):
     params = SamplingParams(max_new_tokens=40, seed=0)
     for m, forward in ((qwen, "lean"), (llama, "lean"), (llama, "hf")):
         eng = make(m, forward=forward, stop_at_eos=False)
-        assert type(eng.runner).__name__ == ("LeanRunner" if forward == "lean" else "HFRunner")
+        assert type(eng.runner.model).__name__ == ("LeanRunner" if forward == "lean" else "HFRunner")
         assert max_logprob_diff(m, prompts, eng.generate_batch(prompts, params, n=2)) <= 1e-4
 
 
@@ -204,7 +204,7 @@ def test_sampler_distribution_top_k_top_p():
 
 async def _wait_for_tokens(eng, k):
     for _ in range(20000):
-        if int(eng.st.gen.max()) >= k:
+        if eng.progress() >= k:
             return
         await asyncio.sleep(0.0005)
     raise AssertionError("engine made no progress")

@@ -5,12 +5,13 @@ import json
 import socket
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+from thinkrl.config import Config
 from thinkrl.models.micro import build_micro_model, build_tokenizer
+from thinkrl.rollout.base import InferenceEngine
 from thinkrl.rollout.hf import HFEngine
 from thinkrl.rollout.remote import RemoteEngine, RemoteError
 from thinkrl.rollout.server import Server
@@ -167,12 +168,18 @@ def test_client_errors_are_not_retried_and_dead_servers_raise():
         asyncio.run(remote.generate(PROMPT, GREEDY))
 
 
-class AbortOnce:
+class AbortOnce(InferenceEngine):
     """An engine whose first answer stops after `cut` tokens with finish="abort", as a server paused in abort mode
     for a weight update does; later tokens carry version 1."""
 
+    caps = HFEngine.caps
+
     def __init__(self, inner, cut=3):
         self.inner, self.cut, self.calls = inner, cut, 0
+
+    @classmethod
+    def from_config(cls, cfg, model, tokenizer, version=0):
+        raise NotImplementedError
 
     @property
     def version(self):
@@ -187,8 +194,8 @@ class AbortOnce:
                     for g in gens]
         return gens
 
-    def pause(self):
-        self.inner.pause()
+    def pause(self, mode=None):
+        self.inner.pause(mode)
 
     def resume(self):
         self.inner.resume()
@@ -216,7 +223,7 @@ def test_update_weights_on_all_servers_and_catch_up(tmp_path):
     new.save_pretrained(tmp_path / "v3")
     with Fleet(2) as f:
         remote = RemoteEngine(f.urls)
-        remote.update_weights(str(tmp_path / "v3"), 3)
+        remote.load_weights(str(tmp_path / "v3"), 3)
         assert remote.version == 3 and [e.version for e in f.engines] == [3, 3]
         for m in f.models:
             assert torch.equal(m.model.layers[0].mlp.up_proj.weight, new.model.layers[0].mlp.up_proj.weight)
@@ -224,12 +231,12 @@ def test_update_weights_on_all_servers_and_catch_up(tmp_path):
         assert g.versions == [3] * len(g.tokens)
         assert g.logprobs == pytest.approx(forward_logprobs(new, PROMPT, g.tokens)[0], abs=1e-4)
         with pytest.raises(RemoteError, match="no such file"):
-            remote.update_weights(str(tmp_path / "missing"), 4)
+            remote.load_weights(str(tmp_path / "missing"), 4)
         assert remote.version == 3 and [e.version for e in f.engines] == [3, 3]
         # a state dict is written to weights_dir first; server 1 is down during the update and catches up later
         third = micro(seed=2)
         remote.servers[1].dead_until = float("inf")
-        remote.update_weights(third.state_dict(), 5)
+        remote.load_weights(third.state_dict(), 5)
         assert [e.version for e in f.engines] == [5, 3]
         remote.servers[1].dead_until, remote.servers[0].dead_until = 0.0, float("inf")
         g = asyncio.run(remote.generate(PROMPT, GREEDY))[0]
@@ -249,7 +256,7 @@ def test_weight_update_during_rollout_aborts_and_resumes(tmp_path):
         async def attempt(v):
             task = asyncio.create_task(remote.generate(PROMPT, replace_seed(params, v)))
             await asyncio.to_thread(wait_for, lambda: f.engines[0].stats()["running"] > 0 or task.done())
-            await asyncio.to_thread(remote.update_weights, str(tmp_path / "w"), v)
+            await asyncio.to_thread(remote.load_weights, str(tmp_path / "w"), v)
             return await task
 
         for v in range(1, 6):  # bounded: the update must land while the sample is running
@@ -267,13 +274,15 @@ def replace_seed(params, seed):
 
 
 def test_from_config_and_bad_config():
-    cfg = SimpleNamespace(servers=["http://127.0.0.1:1", "http://127.0.0.1:2/"], server_api="openai",
-                          max_concurrency=4, request_timeout=12.0)
-    r = RemoteEngine.from_config(cfg, version=7)
+    cfg = Config()
+    cfg.rollout.servers, cfg.rollout.server_api = ["http://127.0.0.1:1", "http://127.0.0.1:2/"], "openai"
+    cfg.rollout.max_concurrency, cfg.rollout.request_timeout = 4, 12.0
+    r = RemoteEngine.from_config(cfg, None, None, version=7)
     assert [s.url for s in r.servers] == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
-    assert (r.api, r.servers[0].limit, r.request_timeout, r.version) == ("openai", 4, 12.0, 7)
+    assert (r.api, r.servers[0].limit, r.request_timeout, r.version, r.pause_mode) == ("openai", 4, 12.0, 7, "abort")
+    cfg.rollout.servers = []
     with pytest.raises(ValueError, match="rollout.servers"):
-        RemoteEngine.from_config(SimpleNamespace(servers=[], server_api="sglang", max_concurrency=4))
+        RemoteEngine.from_config(cfg, None, None)
     with pytest.raises(ValueError, match="rollout.server_api"):
         RemoteEngine(["http://x:1"], api="grpc")
     with pytest.raises(ValueError, match="rollout.servers"):

@@ -77,7 +77,7 @@ def fake():
                                                "/reset_prefix_cache?reset_running_requests=true")])
 def test_update_weights_uses_vllm_dev_endpoints(fake, tmp_path, mode, pause, reset):
     remote = RemoteEngine([fake.url], api="openai", pause_mode=mode)
-    remote.update_weights(str(tmp_path), 3)
+    remote.load_weights(str(tmp_path), 3)
     assert [c[0] for c in fake.calls] == [pause, "/collective_rpc", reset, "/update_weight_version", "/resume"]
     assert fake.calls[1][1] == {"method": "reload_weights", "kwargs": {"weights_path": str(tmp_path)}}
     assert fake.calls[3][1] == {"new_version": "3"}
@@ -93,7 +93,7 @@ def test_update_weights_uses_vllm_dev_endpoints(fake, tmp_path, mode, pause, res
 def test_missing_path_is_not_sent_and_catch_up(fake, tmp_path):
     remote = RemoteEngine([fake.url], api="openai")
     with pytest.raises(RemoteError, match="no such file"):
-        remote.update_weights(str(tmp_path / "missing"), 1)
+        remote.load_weights(str(tmp_path / "missing"), 1)
     assert fake.weights == "init" and [c[0] for c in fake.calls] == ["/pause?mode=abort", "/resume"]
     assert remote.version == 0
     # a server that missed an update (as if it was down) is brought up to date before its next request
@@ -111,9 +111,9 @@ def test_vllm_without_dev_mode_says_so(tmp_path):
         remote = RemoteEngine([f.url], api="openai")
         assert remote.generate_batch([[1]], SamplingParams(max_new_tokens=1))[0][0].tokens == [7]
         with pytest.raises(RemoteError, match="VLLM_SERVER_DEV_MODE=1"):
-            remote.update_weights(str(tmp_path), 1)
+            remote.load_weights(str(tmp_path), 1)
         sglang = RemoteEngine([f.url], api="sglang")  # the SGLang API never falls back to vLLM's endpoints
         with pytest.raises(RemoteError, match="/pause_generation: not found"):
-            sglang.update_weights(str(tmp_path), 1)
+            sglang.load_weights(str(tmp_path), 1)
     finally:
         f.close()

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from thinkrl.algo.config import AlgoConfig
 from thinkrl.algo.losses import LossInput, decoupled_ppo, decoupled_ppo_inline
 from thinkrl.config import load_config
+from thinkrl.rollout.base import EngineCaps, InferenceEngine
 from thinkrl.system.async_ import (AsyncOptions, StalenessBuffer, async_algo_config,
                                    group_seed, needs_old_logprobs, run_async, run_rl, staleness_metrics)
 from thinkrl.system.setup import build_run, make_inference_engine, make_workflow
@@ -144,11 +145,18 @@ def test_staleness_bound_with_random_speeds(B, eta, seed, steps, adaptive):
 
 
 # ----------------------------------------------------------------------------- the controller, with fakes
-class FakeEngine:
+class FakeEngine(InferenceEngine):
     """Tokens come one at a time with random delays; each carries the version loaded when it was produced."""
 
+    caps = EngineCaps(in_process=True, pause_modes=("in_place",), transports=("memory",), mid_sequence_update=True)
+
     def __init__(self, rnd: random.Random, max_delay: float):
-        self.version, self.rnd, self.max_delay = 0, rnd, max_delay
+        super().__init__()
+        self.rnd, self.max_delay = rnd, max_delay
+
+    @classmethod
+    def from_config(cls, cfg, model, tokenizer, version=0):
+        raise NotImplementedError
 
     async def generate(self, input_ids, params, n=1):
         out = []
@@ -161,7 +169,7 @@ class FakeEngine:
             out.append(Generation(toks, [-1.0] * len(toks), vers, "stop"))
         return out
 
-    def pause(self): ...
+    def pause(self, mode=None): ...
 
     def resume(self): ...
 

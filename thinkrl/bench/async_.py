@@ -146,7 +146,7 @@ def run_arm(cfg, model_dir: str, arm: str, a) -> dict:
     timed = _CPUTimed(trainer)
     if arm == "async":
         from thinkrl.system.async_ import AsyncOptions, run_async
-        from thinkrl.system.engine_worker import ProcessEngine
+        from thinkrl.rollout.process import ProcessEngine
 
         t = time.perf_counter()
         child = ProcessEngine(run.model, run.tokenizer, version=trainer.version, threads=a.engine_threads)
@@ -158,7 +158,7 @@ def run_arm(cfg, model_dir: str, arm: str, a) -> dict:
         wall = time.perf_counter() - t0
         res["engine_cpu_per_step"] = (child.stats()["cpu_seconds"] - child_cpu0) / a.steps
         child.close()
-        local.update_weights(trainer.export_weights(), trainer.version)
+        local.load_weights(trainer.export_weights(), trainer.version)
     else:
         from thinkrl.system.sync import run_sync
 

@@ -100,7 +100,12 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 class LeanRunner:
-    def __init__(self, model, max_slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, model, max_slots: int, max_len: int, dtype: torch.dtype, device: torch.device,
+                 linear: str = "auto"):
+        """`linear`: "auto" times MKL against oneDNN on this CPU and keeps the faster (pick_linear); "torch"
+        always uses F.linear (no timing, so the kernel, and with it the numbers, never vary between runs)."""
+        if linear not in ("auto", "torch"):
+            raise ValueError(f"EmbeddedEngine: linear must be 'auto' or 'torch', got {linear!r}")
         reason = lean_unsupported(model)
         if reason:
             raise ValueError(f"the lean forward cannot run this model: {reason}; use forward='hf'")
@@ -116,7 +121,7 @@ class LeanRunner:
         qkv_bias, o_bias = attn0.q_proj.bias is not None, attn0.o_proj.bias is not None
         mlp_bias = mlp0.gate_proj.bias is not None
         hd, qn, kn, inter = cfg.hidden_size, self.H * self.D, self.KVH * self.D, cfg.intermediate_size
-        self.linear = pick_linear(device, dtype, (min(max_slots, 256), hd, 2 * inter))
+        self.linear = pick_linear(device, dtype, (min(max_slots, 256), hd, 2 * inter)) if linear == "auto" else F.linear
 
         def new(*shape):
             return torch.empty(shape, dtype=dtype, device=device)
@@ -187,6 +192,10 @@ class LeanRunner:
                 self.targets[k].copy_(t)
 
     # -- slot bookkeeping: delegated to the KV cache
+    @property
+    def kv_bytes(self) -> int:
+        return self.cache.nbytes
+
     def ensure(self, slots: int, length: int) -> None:
         self.cache.ensure(slots, length)
 
@@ -268,6 +277,8 @@ class LeanRunner:
 
 class HFRunner:
     """Fallback: token history per slot; every call runs the Hugging Face model on whole sequences."""
+
+    kv_bytes = 0  # no KV cache
 
     def __init__(self, model, max_slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
         self.model = copy.deepcopy(model).to(device=device, dtype=dtype).eval()

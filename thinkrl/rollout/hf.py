@@ -1,7 +1,9 @@
 """A simple engine over Hugging Face `generate`: correct for any causal LM, not fast.
 
 It is the reference the fast embedded engine is measured against, and a fallback for models the
-embedded engine does not support. Concurrent `generate` calls are gathered into one batch.
+embedded engine does not support. It generates with the module it is given (the trainer's own, so a load
+copies nothing). Concurrent `generate` calls are gathered into one batch; a pause waits for the batch that
+is running (HF generate runs whole sequences), so it only suits loops that load weights between batches.
 """
 from __future__ import annotations
 
@@ -9,21 +11,35 @@ import asyncio
 
 import torch
 
-from thinkrl.rollout.base import register_engine
+from thinkrl.rollout.base import EngineCaps, InferenceEngine, register_engine
+from thinkrl.rollout.weights import tensors_of
 from thinkrl.types import Generation, SamplingParams
+
+_DEFAULT = SamplingParams()  # one object: calls without params batch together
 
 
 @register_engine("hf")
-class HFEngine:
-    def __init__(self, model, tokenizer, version: int = 0, max_batch: int = 512):
-        self.model, self.tokenizer, self.version, self.max_batch = model, tokenizer, version, max_batch
+class HFEngine(InferenceEngine):
+    caps = EngineCaps(in_process=True, pause_modes=("in_place",), transports=("memory", "disk"),
+                      shares_trainer_weights=True)
+
+    def __init__(self, model, tokenizer, version: int = 0, max_batch: int = 512, pause_mode: str = "auto"):
+        super().__init__(version, pause_mode)
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self._pending: list[tuple[list[int], SamplingParams, int, asyncio.Future]] = []
         self._flush_scheduled = False
         self._paused = False
 
+    @classmethod
+    def from_config(cls, cfg, model, tokenizer, version: int = 0) -> HFEngine:
+        return cls(model, tokenizer, version=version, pause_mode=cfg.rollout.pause_mode)
+
     # ------------------------------------------------------------------ sync API
     @torch.inference_mode()
-    def generate_batch(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> list[list[Generation]]:
+    def generate_batch(self, prompts: list[list[int]], params: SamplingParams | None = None,
+                       n: int = 1) -> list[list[Generation]]:
+        """The batch runs here directly (it is what the async API gathers concurrent calls into)."""
+        params = params or _DEFAULT
         flat = [p for p in prompts for _ in range(n)]
         outs: list[Generation] = []
         for i in range(0, len(flat), self.max_batch):
@@ -81,9 +97,10 @@ class HFEngine:
         return gens
 
     # ------------------------------------------------------------------ async API
-    async def generate(self, input_ids: list[int], params: SamplingParams, n: int = 1) -> list[Generation]:
+    async def generate(self, input_ids: list[int], params: SamplingParams | None = None,
+                       n: int = 1) -> list[Generation]:
         fut = asyncio.get_running_loop().create_future()
-        self._pending.append((list(input_ids), params, n, fut))
+        self._pending.append((list(input_ids), params or _DEFAULT, n, fut))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._flush()))
@@ -112,15 +129,19 @@ class HFEngine:
                         it[3].set_exception(e)
 
     # ------------------------------------------------------------------ control
-    def pause(self) -> None:
+    def pause(self, mode: str | None = None) -> None:
+        self.resolve_pause_mode(mode)
         self._paused = True
 
     def resume(self) -> None:
         self._paused = False
 
     def update_weights(self, src, version: int) -> None:
-        if isinstance(src, dict):
-            self.model.load_state_dict(src)
-        elif isinstance(src, torch.nn.Module) and src is not self.model:
-            self.model.load_state_dict(src.state_dict())
+        """A state dict, another module, or a safetensors path; the engine's own module loads nothing."""
+        if src is not self.model:
+            missing, unexpected = self.model.load_state_dict(tensors_of(src), strict=False)
+            tied = {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
+            bad = list(unexpected) + sorted(set(missing) - tied)
+            if bad:
+                raise ValueError(f"update_weights: {'unknown' if unexpected else 'missing'} parameter {bad[0]!r}")
         self.version = version

@@ -1,8 +1,8 @@
-"""RemoteEngine: the InferenceEngine protocol over HTTP inference servers (SGLang native API or vLLM's OpenAI API).
+"""RemoteEngine: the InferenceEngine contract over HTTP inference servers (SGLang native API or vLLM's OpenAI API).
 
     engine = RemoteEngine(["http://10.0.0.5:30000", "http://10.0.0.6:30000"], api="sglang", max_concurrency=64)
     gens = await engine.generate(prompt_ids, SamplingParams(max_new_tokens=512), n=8)
-    engine.update_weights("/shared/ckpt/step_10", version=10)      # a directory every server can read
+    engine.load_weights("/shared/ckpt/step_10", version=10)        # a directory every server can read
 
 - Concurrency: at most `max_concurrency` sequences in flight per server (the n samples of a request count n), so
   servers are not pushed into KV-cache preemption; requests beyond that wait in the client.
@@ -15,8 +15,9 @@
   (tokens, log-probs, versions).
 - Versions: each token carries the server-reported version (thinkrl servers report it per token, SGLang per
   response as meta_info.weight_version), else the client's version when the response arrived.
-- update_weights(path, version): on every live server /pause_generation, /update_weights_from_disk, then
-  /continue_generation. A server that missed an update is brought up to date before its next request.
+- load_weights(path, version): pause() is /pause_generation {mode} on every live server, update_weights()
+  /update_weights_from_disk, resume() /continue_generation. A server that missed an update is brought up to
+  date before its next request.
   vLLM (api="openai"; found when /pause_generation is a 404) needs VLLM_SERVER_DEV_MODE=1 and gets its dev
   endpoints instead: /pause?mode=..., /collective_rpc reload_weights {weights_path}, /reset_prefix_cache,
   /update_weight_version, /resume.
@@ -36,13 +37,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from thinkrl.rollout.base import register_engine
+from thinkrl.rollout.base import EngineCaps, InferenceEngine, register_engine, run_sync
 from thinkrl.rollout.http_util import HTTPClient, Response
+from thinkrl.rollout.weights import save_safetensors
 from thinkrl.types import Generation, SamplingParams
 
 log = logging.getLogger(__name__)
 APIS = ("sglang", "openai")
-PAUSE_MODES = ("abort", "in_place", "retract")
 # vLLM's /pause modes for ours: "keep" freezes in-flight requests with their KV cache (SGLang's in_place); for
 # retract the frozen requests' KV is dropped after the reload (/reset_prefix_cache?reset_running_requests=true)
 # and recomputed with the new weights on resume.
@@ -80,34 +81,16 @@ class _LoopState:  # asyncio objects are bound to one event loop: one of these p
     active: int = 0
 
 
-def run_sync(make_coro):
-    """Run a coroutine to completion from sync code, also when this thread already runs an event loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(make_coro())
-    box: dict = {}
-
-    def target():
-        try:
-            box["result"] = asyncio.run(make_coro())
-        except BaseException as e:  # handed to the caller
-            box["error"] = e
-
-    t = threading.Thread(target=target, name="thinkrl-remote-sync")
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
-
-
 @register_engine("remote")
-class RemoteEngine:
+class RemoteEngine(InferenceEngine):
+    # abort first: SGLang cannot flush its cache for a weight load while in_place requests hold it
+    caps = EngineCaps(in_process=False, pause_modes=("abort", "in_place", "retract"), transports=("disk",),
+                      mid_sequence_update=True)
+
     def __init__(self, servers: list[str], api: str = "sglang", max_concurrency: int = 64, *, tokenizer=None,
                  version: int = 0, api_key: str | None = None, request_timeout: float = 3600.0,
                  max_retries: int = 3, retry_backoff: float = 0.5, dead_cooldown: float = 30.0, max_resumes: int = 8,
-                 pause_mode: str = "abort", weights_dir: str | None = None, model_name: str | None = None):
+                 pause_mode: str = "auto", weights_dir: str | None = None, model_name: str | None = None):
         if not servers:
             raise ValueError("rollout.servers: empty; give the servers' base URLs, e.g. [http://127.0.0.1:30000]")
         for url in servers:
@@ -117,15 +100,16 @@ class RemoteEngine:
             raise ValueError(f"rollout.server_api: unknown value {api!r}; valid: {', '.join(APIS)}")
         if max_concurrency < 1:
             raise ValueError(f"rollout.max_concurrency: must be >= 1, got {max_concurrency}")
-        if pause_mode not in PAUSE_MODES:
-            raise ValueError(f"pause_mode: unknown value {pause_mode!r}; valid: {', '.join(PAUSE_MODES)}")
         if request_timeout <= 0 or max_retries < 0:
             raise ValueError("request_timeout must be > 0 and max_retries >= 0")
+        super().__init__(version, pause_mode)
         self.servers = [_Server(u.rstrip("/"), max_concurrency, version) for u in servers]
-        self.api, self.tokenizer, self.version = api, tokenizer, version
+        self.api, self.tokenizer = api, tokenizer
         self.api_key = api_key or os.environ.get("THINKRL_SERVER_API_KEY") or None
         self.request_timeout, self.max_retries, self.retry_backoff = request_timeout, max_retries, retry_backoff
-        self.dead_cooldown, self.max_resumes, self.pause_mode = dead_cooldown, max_resumes, pause_mode
+        self.dead_cooldown, self.max_resumes = dead_cooldown, max_resumes
+        self._mode = self.pause_mode  # the mode of the pause in progress (vLLM's reload depends on it)
+        self._held: list[_Server] = []  # the servers the pause in progress paused
         self.weights_dir, self.model_name = weights_dir, model_name
         self.counters = {"requests": 0, "retries": 0, "failovers": 0, "resumes": 0}
         self._weights: str | None = None  # the path of the current version's weights (for catch-up)
@@ -133,14 +117,13 @@ class RemoteEngine:
         self._loops: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @classmethod
-    def from_config(cls, rollout_cfg, tokenizer=None, version: int = 0) -> RemoteEngine:
-        """From RolloutConfig: servers, server_api, max_concurrency (+ optional request_timeout, max_retries,
-        pause_mode, weights_dir, server_api_key when the config has them)."""
-        extra = {k: getattr(rollout_cfg, c) for k, c in (("request_timeout", "request_timeout"),
-                 ("max_retries", "max_retries"), ("pause_mode", "pause_mode"), ("weights_dir", "weights_dir"),
-                 ("api_key", "server_api_key")) if getattr(rollout_cfg, c, None) not in (None, "")}
-        return cls(list(rollout_cfg.servers), api=rollout_cfg.server_api, max_concurrency=rollout_cfg.max_concurrency,
-                   tokenizer=tokenizer, version=version, **extra)
+    def from_config(cls, cfg, model=None, tokenizer=None, version: int = 0) -> RemoteEngine:
+        """From cfg.rollout: servers, server_api, max_concurrency, request_timeout, max_retries, pause_mode,
+        weights_dir, server_api_key. `model` is not used: the servers load their own."""
+        r = cfg.rollout
+        return cls(list(r.servers), api=r.server_api, max_concurrency=r.max_concurrency, tokenizer=tokenizer,
+                   version=version, request_timeout=r.request_timeout, max_retries=r.max_retries,
+                   pause_mode=r.pause_mode, weights_dir=r.weights_dir or None, api_key=r.server_api_key or None)
 
     # ------------------------------------------------------------------------------------------ generation
     async def generate(self, input_ids: list[int], params: SamplingParams | None = None,
@@ -154,12 +137,6 @@ class RemoteEngine:
             return list(await asyncio.gather(*[self._complete(prompt, params, g, key) for g in gens]))
         finally:
             self._sticky.pop(key, None)
-
-    def generate_batch(self, prompts: list[list[int]], params: SamplingParams | None = None,
-                       n: int = 1) -> list[list[Generation]]:
-        async def go():
-            return list(await asyncio.gather(*[self.generate(p, params, n) for p in prompts]))
-        return run_sync(go)
 
     async def _complete(self, prompt: list[int], params: SamplingParams, g: Generation, key: str) -> Generation:
         """Resume an aborted sample until it stops, reaches max_new_tokens, or max_resumes is spent."""
@@ -351,14 +328,14 @@ class RemoteEngine:
         """Pause generation; with api=openai, a 404 on SGLang's /pause_generation means vLLM (its dev-mode /pause)."""
         if s.control != "vllm":
             try:
-                await self._post(client, s, "/pause_generation", {"mode": self.pause_mode})
+                await self._post(client, s, "/pause_generation", {"mode": self._mode})
                 s.control = "sglang"
                 return
             except _NotFound:
                 if self.api != "openai" or s.control == "sglang":
                     raise
         try:
-            await self._post(client, s, f"/pause?mode={VLLM_PAUSE[self.pause_mode]}")
+            await self._post(client, s, f"/pause?mode={VLLM_PAUSE[self._mode]}")
         except _NotFound:
             raise RemoteError(f"{s.url}: no weight-update endpoints (neither /pause_generation nor vLLM's /pause); "
                               "start vLLM with VLLM_SERVER_DEV_MODE=1 for weight updates") from None
@@ -383,13 +360,13 @@ class RemoteEngine:
         except _Retry as e:  # a 500 here is the worker's error (bad checkpoint), not an overload
             raise RemoteError(f"vLLM reload_weights failed: {e}") from None
         # the prefix cache holds KV computed with the old weights; for retract also drop the frozen requests' KV
-        reset = "/reset_prefix_cache" + ("?reset_running_requests=true" if self.pause_mode == "retract" else "")
+        reset = "/reset_prefix_cache" + ("?reset_running_requests=true" if self._mode == "retract" else "")
         r = await self._post(client, s, reset)
         try:
             ok = (r.json() or {}).get("success", True)
         except (ValueError, AttributeError):
             ok = True
-        if not ok and self.pause_mode != "in_place":  # in_place: the frozen requests hold their blocks
+        if not ok and self._mode != "in_place":  # in_place: the frozen requests hold their blocks
             log.warning("remote engine: %s: prefix cache not reset after the weight update", s.url)
         try:
             await self._post(client, s, "/update_weight_version", {"new_version": str(version)})
@@ -436,36 +413,41 @@ class RemoteEngine:
         finally:
             client.close()
 
-    def pause(self) -> None:
-        run_sync(lambda: self._control(self._pause))
+    def pause(self, mode: str | None = None) -> None:
+        """Pause every live server (a server that does not answer is marked dead and caught up later)."""
+        self._mode = self.resolve_pause_mode(mode or self.pause_mode)
+        self._held = run_sync(lambda: self._control(self._pause))
 
     def resume(self) -> None:
-        run_sync(lambda: self._control(self._continue))
+        """Continue every server pause() paused (or every live one): a server whose load failed too."""
+        now = time.monotonic()
+        held, self._held = self._held or [s for s in self.servers if s.dead_until <= now], []
+        self._mode = self.pause_mode
+
+        async def go():
+            client = HTTPClient(headers=self._auth())
+            try:
+                res = await asyncio.gather(*[self._continue(client, s) for s in held], return_exceptions=True)
+            finally:
+                client.close()
+            for s, r in zip(held, res):
+                if isinstance(r, BaseException):  # its next request fails over, or catches it up
+                    log.warning("remote engine: %s: continue_generation failed: %s", s.url, r)
+
+        run_sync(go)
 
     def update_weights(self, src, version: int) -> None:
-        """src: a directory (or .safetensors file) the servers can read, a state dict, or a model with
-        save_pretrained (both written to `weights_dir` first, which must be visible to the servers)."""
+        """On paused servers (load_weights): src is a directory (or .safetensors file) the servers can read, a
+        state dict, or a model with save_pretrained (both written to `weights_dir` first, which must be
+        visible to the servers). A server that fails to load is brought up to date before its next request."""
         path = self._materialize(src)
 
         async def one(client, s):
-            await self._pause(client, s)
-            try:
-                await self._load(client, s, path, version)
-                s.version = version
-            except BaseException:
-                await self._continue(client, s)
-                raise
+            await self._load(client, s, path, version)
+            s.version = version
 
-        async def go():
-            updated = await self._control(one)
-            self.version, self._weights = version, path  # before continuing: later tokens carry the new version
-            client = HTTPClient(headers=self._auth())
-            try:
-                await asyncio.gather(*[self._continue(client, s) for s in updated], return_exceptions=True)
-            finally:
-                client.close()
-
-        run_sync(go)
+        run_sync(lambda: self._control(one))
+        self.version, self._weights = version, path  # before resume(): later tokens carry the new version
 
     def _auth(self) -> dict:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -481,14 +463,7 @@ class RemoteEngine:
         if hasattr(src, "save_pretrained"):
             src.save_pretrained(str(d))
         elif isinstance(src, Mapping):
-            from safetensors.torch import save_file
-
-            seen, out = set(), {}
-            for k, v in src.items():  # tied weights share storage: keep the first name only
-                if v.data_ptr() not in seen:
-                    seen.add(v.data_ptr())
-                    out[k] = v.detach().to("cpu", copy=True).contiguous()
-            save_file(out, str(d / "model.safetensors"))
+            save_safetensors(src, d / "model.safetensors")
         else:
             raise ValueError(f"update_weights: src must be a path, a state dict or a model, got {type(src).__name__}")
         return str(d)

@@ -26,28 +26,32 @@ import time
 import uuid
 from pathlib import Path
 
+from thinkrl.rollout.base import engine_class
 from thinkrl.rollout.http_util import (IGNORED, NEUTRAL, HTTPError, Request, check_neutral, get_field, get_id_lists,
                                        get_str_list, json_bytes, read_request, write_response)
 from thinkrl.rollout.openai_routes import OpenAIRoutes
+from thinkrl.rollout.weights import load_safetensors
 from thinkrl.types import Generation, SamplingParams
 
 log = logging.getLogger(__name__)
 IDLE_TIMEOUT = 300.0  # seconds a connection may sit idle (or send one request) before it is closed
 OPEN_PATHS = {"/health", "/health_generate", "/ping"}  # answered without the API key (load-balancer probes)
+# /pause_generation modes (SGLang's and vLLM's names) -> the engine's (thinkrl.rollout.base.PAUSE_MODES)
+SERVER_PAUSE_MODES = {"abort": "abort", "retract": "retract", "in_place": "in_place", "keep": "in_place",
+                      "wait": "in_place"}
 class Server(OpenAIRoutes):
-    def __init__(self, engine, tokenizer, *, model=None, model_dir: str = "", served_name: str | None = None,
+    def __init__(self, engine, tokenizer, *, model, model_dir: str = "", served_name: str | None = None,
                  host: str = "127.0.0.1", port: int = 30000, api_key: str | None = None, max_queue: int = 256,
                  max_body: int = 16 << 20, max_len: int | None = None):
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.engine, self.tokenizer = engine, tokenizer
-        self.model = model if model is not None else getattr(engine, "model", None)
+        self.model = model  # what the engine serves: context length, vocabulary, and the check of every load
         self.model_dir, self.host, self.port, self.api_key = str(model_dir), host, port, api_key or None
         self.served_name = served_name or (Path(self.model_dir).name if self.model_dir else "thinkrl")
         self.max_queue, self.max_body = max_queue, max_body
         cfg = getattr(self.model, "config", None)
-        self.max_len = (max_len or getattr(engine, "max_len", None) or getattr(cfg, "max_position_embeddings", None)
-                        or tokenizer.model_max_length)
+        self.max_len = max_len or getattr(cfg, "max_position_embeddings", None) or tokenizer.model_max_length
         self.vocab = getattr(cfg, "vocab_size", None) or len(tokenizer)
         eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         eos = [eos] if isinstance(eos, int) else list(eos or [])
@@ -318,12 +322,11 @@ class Server(OpenAIRoutes):
             raise HTTPError(400, f"weight_version={version!r}: thinkrl engines need an integer version") from None
         try:
             sd = await asyncio.to_thread(load_state_dict, path, self.model)
-            if get_field(body, "abort_all_requests", "bool", False):
-                await self.on_engine(self._pause_engine, "abort")
+            if self.paused:  # by /pause_generation: continue_generation resumes
                 await self.on_engine(self.engine.update_weights, sd, version)
-                await self.on_engine(self.engine.resume)
             else:
-                await self.on_engine(self.engine.update_weights, sd, version)
+                mode = self._engine_mode("abort" if get_field(body, "abort_all_requests", "bool", False) else "in_place")
+                await self.on_engine(self.engine.load_weights, sd, version, mode)
         except (ValueError, OSError) as e:
             msg = f"update_weights_from_disk failed: {e}"
             return 400, {"success": False, "message": msg, "error": {"message": msg, "type": "invalid_request_error",
@@ -331,19 +334,22 @@ class Server(OpenAIRoutes):
         return {"success": True, "message": f"Loaded {len(sd)} tensors from {path}; weight version {version}.",
                 "num_paused_requests": 0}
 
+    def _engine_mode(self, mode: str) -> str:
+        """The engine's pause mode for an SGLang or vLLM one: vLLM's keep and wait, and any mode the engine
+        does not support (caps.pause_modes), become in_place (requests wait for continue_generation)."""
+        mode = SERVER_PAUSE_MODES[mode]
+        return mode if mode in self.engine.caps.pause_modes else "in_place"
+
     def _pause_engine(self, mode: str) -> str:
-        accepts_mode = "mode" in inspect.signature(self.engine.pause).parameters
-        if mode == "abort" and accepts_mode:
-            self.engine.pause(mode="abort")
-            return "abort"
-        self.engine.pause()
-        return "wait"  # in-flight requests wait for continue_generation (HFEngine: after the running batch)
+        mode = self._engine_mode(mode)
+        self.engine.pause(mode)
+        return mode
 
     async def _pause(self, req: Request):
         body = req.json() if req.method != "GET" else {}
         mode = (body or {}).get("mode", "abort")
-        if mode not in ("abort", "retract", "in_place", "wait", "keep"):
-            raise HTTPError(400, f"mode={mode!r}: expected abort, retract, in_place, wait or keep")
+        if mode not in SERVER_PAUSE_MODES:
+            raise HTTPError(400, f"mode={mode!r}: expected {', '.join(SERVER_PAUSE_MODES)}")
         used = await self.on_engine(self._pause_engine, mode)
         self.paused = True
         return {"message": "Generation paused successfully.", "status": "ok", "mode": used}
@@ -354,9 +360,7 @@ class Server(OpenAIRoutes):
         return {"message": "Generation continued successfully.", "status": "ok"}
 
     async def _flush(self, req: Request):
-        fn = getattr(self.engine, "flush_cache", None)
-        if fn is not None:
-            await self.on_engine(fn)
+        # answered for SGLang clients; thinkrl engines flush their prefix cache on every weight load themselves
         return "Cache flushed.\n"
 
     def _health(self, req: Request):
@@ -376,17 +380,12 @@ class Server(OpenAIRoutes):
 def load_state_dict(path: str, model=None) -> dict:
     """Tensors from a safetensors file or every *.safetensors in a directory, checked against `model`'s
     parameter names and shapes (tied weights missing from the files are filled from their partner)."""
-    from safetensors.torch import load_file
-
-    p = Path(path)
-    files = [p] if p.is_file() else sorted(p.glob("*.safetensors")) if p.is_dir() else None
-    if files is None:
+    if not Path(path).exists():
         raise ValueError(f"model_path={path!r}: no such file or directory")
-    if not files:
-        raise ValueError(f"model_path={path!r}: no *.safetensors files there")
-    sd = {}
-    for f in files:
-        sd.update(load_file(str(f)))
+    try:
+        sd = load_safetensors(path)
+    except ValueError:
+        raise ValueError(f"model_path={path!r}: no *.safetensors files there") from None
     if model is None:
         return sd
     ref = model.state_dict()
@@ -406,17 +405,8 @@ def load_state_dict(path: str, model=None) -> dict:
 
 
 def make_engine(model, tokenizer, kind: str = "auto"):
-    if kind in ("auto", "embedded"):
-        try:
-            from thinkrl.rollout.engine import EmbeddedEngine
-        except ImportError:
-            if kind == "embedded":
-                raise
-        else:
-            return EmbeddedEngine(model, tokenizer=tokenizer)
-    from thinkrl.rollout.hf import HFEngine
-
-    return HFEngine(model, tokenizer)
+    """kind: embedded (auto) or hf, from the engine registry."""
+    return engine_class("embedded" if kind == "auto" else kind)(model, tokenizer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -445,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelLoadError, ValueError, OSError) as e:
         print(f"thinkrl serve: {e}")
         return 2
-    print(f"thinkrl serve: {server.served_name} on http://{a.host}:{port} (engine {type(server.engine).__name__})",
+    print(f"thinkrl serve: {server.served_name} on http://{a.host}:{port} (engine {server.engine.name})",
           flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -453,6 +443,5 @@ def main(argv: list[str] | None = None) -> int:
     while not done.wait(1.0):
         pass
     server.stop()
-    if hasattr(server.engine, "close"):
-        server.engine.close()
+    server.engine.close()
     return 0

@@ -233,7 +233,7 @@ class Producer:
 @dataclass
 class AsyncOptions:
     placement: str = "auto"  # inline (the engine passed in, as is) | process (an engine process) | auto
-    weight_sync: str = "auto"  # auto | memory | shm | disk | dist | engine (thinkrl.system.weights)
+    weight_sync: str = "auto"  # auto | memory | shm | disk | dist | engine (thinkrl.rollout.weights)
     engine_threads: int = 1  # torch threads of the engine process
     trainer_threads: int = 0  # torch threads of the trainer with an engine process (0: cores - engine_threads)
     weights_dir: str = ""  # disk transport: where the safetensors go (empty: a temporary directory)
@@ -246,7 +246,7 @@ class AsyncOptions:
                    weights_dir=getattr(r, "weights_dir", "")).validate()
 
     def validate(self) -> AsyncOptions:
-        from thinkrl.system.weights import SYNC_KINDS
+        from thinkrl.rollout.weights import SYNC_KINDS
 
         if self.placement not in PLACEMENTS:
             raise ValueError(f"rollout.placement: unknown value {self.placement!r}; valid: {', '.join(PLACEMENTS)}")
@@ -305,11 +305,11 @@ def _rollout_engine(cfg, engine, trainer, workflow, opts: AsyncOptions):
     if placement == "auto":
         placement = "process" if cfg.rollout.engine == "embedded" else "inline"
     if placement == "inline":
-        if type(engine).__name__ == "HFEngine":
+        if engine.caps.shares_trainer_weights:
             raise ValueError("rollout.engine=hf shares the trainer's weights: async needs rollout.engine=embedded "
                              "(or rollout.placement=process)")
         return engine, False
-    from thinkrl.system.engine_worker import ProcessEngine
+    from thinkrl.rollout.process import ProcessEngine
 
     if opts.weight_sync == "memory":
         raise ValueError("rollout.weight_sync=memory: needs rollout.placement=inline (the engine in this process)")
@@ -324,9 +324,9 @@ def run_async(cfg, engine, workflow, trainer, train_samples, start_step: int, en
               on_step: Callable[[int, dict], None] | None = None, time_budget: float | None = None,
               critic=None, options: AsyncOptions | None = None, sync=None) -> int:
     """Steps [start_step, end_step) (or until time_budget seconds). Returns the last finished step.
-    `critic`: as in run_sync (algo.advantage=gae). `sync` (a thinkrl.system.weights.WeightSync): how weights
+    `critic`: as in run_sync (algo.advantage=gae). `sync` (a thinkrl.rollout.weights.WeightSync): how weights
     reach `engine`, used as given (Ray)."""
-    from thinkrl.system.weights import WeightSync, make_weight_sync
+    from thinkrl.rollout.weights import WeightSync, make_weight_sync
 
     opts = (options or AsyncOptions.from_config(cfg)).validate()
     B, eta = cfg.rollout.batch_prompts, cfg.rollout.max_staleness
@@ -374,7 +374,7 @@ def run_async(cfg, engine, workflow, trainer, train_samples, start_step: int, en
             t3 = time.perf_counter()
             step += 1
             if owned and (step >= end_step or (cfg.eval.every and step % cfg.eval.every == 0)):
-                engine.update_weights(trainer.export_weights(), trainer.version)  # the engine that evaluates
+                engine.load_weights(trainer.export_weights(), trainer.version)  # the engine that evaluates
                 local_stale = False
             m.update(stale)
             m.update({f"buffer/{k}": float(v) for k, v in buffer.stats().items()})
@@ -393,8 +393,8 @@ def run_async(cfg, engine, workflow, trainer, train_samples, start_step: int, en
                 break
     finally:
         producer.stop()
-        if local_stale and hasattr(engine, "update_weights"):
-            engine.update_weights(trainer.export_weights(), trainer.version)
+        if local_stale:
+            engine.load_weights(trainer.export_weights(), trainer.version)
         sync.close()
         if owned:
             rollout.close()

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+from thinkrl.rollout.base import EngineCaps, InferenceEngine, register_engine
+from thinkrl.rollout.weights import as_state_dict, is_path
+
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
@@ -79,21 +82,19 @@ class EngineActor:
     async def generate(self, input_ids, params, n: int = 1):
         return await self.engine.generate(input_ids, params, n)
 
-    async def update_weights(self, sd, version: int) -> int:
-        def load():
-            self.engine.pause()
-            try:
-                self.engine.update_weights(sd, version)
-            finally:
-                self.engine.resume()
+    async def pause(self, mode: str) -> None:
+        await asyncio.to_thread(self.engine.pause, mode)
 
-        await asyncio.to_thread(load)
+    async def update_weights(self, src, version: int) -> int:  # a state dict or a safetensors path
+        await asyncio.to_thread(self.engine.update_weights, src, version)
         return version
 
-    async def load_from_disk(self, path: str, version: int) -> int:
-        from thinkrl.system.weights import load_safetensors
+    async def resume(self) -> None:
+        self.engine.resume()
 
-        return await self.update_weights(load_safetensors(path), version)
+    async def load_weights(self, src, version: int) -> int:
+        await asyncio.to_thread(self.engine.load_weights, src, version)
+        return version
 
     async def stats(self) -> dict:
         return {**self.engine.stats(), "version": self.engine.version, "threads": torch.get_num_threads()}
@@ -125,7 +126,7 @@ class TrainerActor:
         import ray
 
         ref = ray.put({k: v.detach().cpu() for k, v in self.trainer.export_weights().items()})
-        ray.get([e.update_weights.remote(ref, version) for e in engines])
+        ray.get([e.load_weights.remote(ref, version) for e in engines])
         return version
 
     def export_weights(self):
@@ -136,12 +137,21 @@ class TrainerActor:
 
 
 # ============================================================================ driver-side clients
-class RayEngine:
-    """The InferenceEngine protocol over engine actors; each request goes to the actor with the fewest in flight."""
+@register_engine("ray", placement=True)
+class RayEngine(InferenceEngine):
+    """The InferenceEngine contract over engine actors; each request goes to the actor with the fewest in flight."""
+
+    caps = EngineCaps(in_process=False, pause_modes=("in_place", "abort"), transports=("object_store", "disk"),
+                      mid_sequence_update=True)
 
     def __init__(self, actors, version: int = 0):
-        self.actors, self.version = list(actors), version
+        super().__init__(version)
+        self.actors = list(actors)
         self.load = [0] * len(self.actors)
+
+    @classmethod
+    def from_config(cls, cfg, model, tokenizer, version: int = 0) -> RayEngine:
+        raise ValueError("the Ray engine's actors start with the trainer actor's (run_ray, cluster.backend=ray)")
 
     async def generate(self, input_ids, params=None, n: int = 1):
         i = min(range(len(self.actors)), key=self.load.__getitem__)
@@ -151,25 +161,19 @@ class RayEngine:
         finally:
             self.load[i] -= n
 
-    def generate_batch(self, prompts, params=None, n: int = 1):
-        ray = _ray()
-        refs = [self.actors[j % len(self.actors)].generate.remote(list(p), params, n) for j, p in enumerate(prompts)]
-        return ray.get(refs)
-
     def update_weights(self, src, version: int) -> None:
+        """A safetensors path every actor can read, or a state dict (one ray.put for all actors)."""
         ray = _ray()
-        if isinstance(src, str):
-            ray.get([a.load_from_disk.remote(src, version) for a in self.actors])
-        else:
-            ref = ray.put({k: v.detach().cpu() for k, v in src.items()})
-            ray.get([a.update_weights.remote(ref, version) for a in self.actors])
+        ref = str(src) if is_path(src) else ray.put({k: v.detach().cpu() for k, v in as_state_dict(src).items()})
+        ray.get([a.update_weights.remote(ref, version) for a in self.actors])
         self.version = version
 
-    def pause(self) -> None:  # loads pause and resume inside the actors
-        pass
+    def pause(self, mode: str | None = None) -> None:
+        mode = self.resolve_pause_mode(mode or self.pause_mode)
+        _ray().get([a.pause.remote(mode) for a in self.actors])
 
     def resume(self) -> None:
-        pass
+        _ray().get([a.resume.remote() for a in self.actors])
 
     def stats(self) -> list[dict]:
         return _ray().get([a.stats.remote() for a in self.actors])
@@ -272,8 +276,8 @@ def run_ray(cfg, engine, workflow, trainer, train_samples, start_step: int, end_
         sd = rtrainer.export_weights()
         trainer.model.load_state_dict(sd)
         trainer.load_state_dict(rtrainer.state_dict())
-        if engine is not None and hasattr(engine, "update_weights"):
-            engine.update_weights(trainer.export_weights(), trainer.version)
+        if engine is not None:
+            engine.load_weights(trainer.export_weights(), trainer.version)
 
     def wrapped(step: int, m: dict) -> None:
         save, every = cfg.train.save_every, cfg.eval.every

@@ -11,6 +11,7 @@ import torch
 from thinkrl.data import load_task_data
 from thinkrl.device import resolve_device, set_threads
 from thinkrl.models.loading import NAMED_MODELS, load_checkpoint, load_policy
+from thinkrl.rollout.base import engine_class
 from thinkrl.rollout.workflow import SingleTurnWorkflow
 from thinkrl.tasks import make_task
 from thinkrl.types import SamplingParams
@@ -23,24 +24,8 @@ def seed_everything(seed: int) -> None:
 
 
 def make_inference_engine(cfg, model, tokenizer, version: int = 0):
-    """The rollout engine named by cfg.rollout.engine (the embedded engine by default)."""
-    name = cfg.rollout.engine
-    if name == "embedded":
-        try:
-            from thinkrl.rollout.engine import EmbeddedEngine
-        except ImportError:  # the fast engine is optional during development; HF generate is exact
-            name = "hf"
-        else:
-            return EmbeddedEngine(model, tokenizer=tokenizer, version=version)
-    if name == "hf":
-        from thinkrl.rollout.hf import HFEngine
-
-        return HFEngine(model, tokenizer, version=version)
-    if name == "remote":
-        from thinkrl.rollout.remote import RemoteEngine
-
-        return RemoteEngine.from_config(cfg.rollout, tokenizer=tokenizer, version=version)
-    raise ValueError(f"rollout.engine: unknown value {name!r}; valid: embedded, hf, remote")
+    """The rollout engine registered as cfg.rollout.engine (thinkrl.rollout.base.engine_names())."""
+    return engine_class(cfg.rollout.engine).from_config(cfg, model, tokenizer, version)
 
 
 def sampling_params(cfg, tokenizer) -> SamplingParams:

@@ -6,7 +6,7 @@ This is the baseline (and η = 0 of the async controller). One step:
     trajs    = collect(engine, workflow, samples)        # n answers per prompt, rewarded
     batch    = make_batch(trajs, cfg.algo, ...)          # reward shaping + advantages
     metrics  = trainer.step(batch)                       # PPO-family loss, one optimizer step
-    engine.update_weights(trainer.export_weights(), trainer.version)
+    engine.load_weights(trainer.export_weights(), trainer.version)
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def rl_step(step: int, cfg, engine, workflow, trainer, train_samples, critic=Non
     if critic is not None:
         m.update(critic.step(trajs, gae_targets(trajs, cfg.algo, cfg.rollout.max_new_tokens, values), old_values=values))
     t1 = time.perf_counter()
-    engine.update_weights(trainer.export_weights(), trainer.version)
+    engine.load_weights(trainer.export_weights(), trainer.version)
     t_sync = time.perf_counter() - t1
     gen_tokens = sum(t.num_response_tokens for t in trajs)
     dt = time.perf_counter() - t0

@@ -37,9 +37,7 @@ def run_eval(cfg, engine, run, k: int | None = None) -> dict:
 
 def close_engine(engine) -> None:
     """Stop an engine's worker thread/process (an engine left running can abort the interpreter at exit)."""
-    close = getattr(engine, "close", None)
-    if callable(close):
-        close()
+    engine.close()
 
 
 def _extra(critic) -> dict:

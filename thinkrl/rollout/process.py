@@ -1,21 +1,21 @@
-"""ProcessEngine: the embedded engine in a process of its own, behind the InferenceEngine protocol.
+"""ProcessEngine: the embedded engine in a process of its own, behind the InferenceEngine contract.
 
     engine = ProcessEngine(model, tokenizer, threads=1)            # starts the engine process
     gens = await engine.generate(prompt_ids, params, n=8)          # many in flight (asyncio), like EmbeddedEngine
-    engine.update_weights(state_dict, version=3)                   # pause -> load -> resume, in the engine process
+    engine.load_weights(state_dict, version=3)                     # pause -> update -> resume, in the engine process
     engine.close()
 
 Why: on one machine the trainer and the engine then run at the same time on separate cores (each with its own
 torch threads and its own GIL); in one process they would take turns. The engine process keeps its own copy of
-the weights. Weight transports (thinkrl.system.weights): "pipe" (the state dict pickled over the control pipe),
-"shm" (a shared-memory copy mapped by both processes), "disk" (safetensors), "dist" (torch.distributed
-broadcast). Every load pauses the engine at a token boundary, copies the weights in and resumes: in-flight
-sequences continue with the new weights (partial rollout) and their later tokens carry the new version.
+the weights; they reach it through one of the channels of thinkrl.rollout.weights (`transport`: pipe, shm,
+disk, dist), whose sender half runs here and whose Receiver runs in the engine process. In-flight sequences
+continue across a load (pause mode in_place) and their later tokens carry the new version.
 
-Protocol on the pipe: parent -> child ("gen", rid, prompt, params, n) | ("ctl", rid, op, args);
-child -> parent ("res", rid, ok, payload). Generations run on an asyncio loop in the child; control operations
-run in the child's reader thread, in the order they were sent. Engine processes fork from a forkserver that
-imports the main module once (as `spawn` would): a script that starts one needs `if __name__ == "__main__":`.
+Protocol on the pipe: parent -> child ("gen", rid, [(prompt, params, n), ...]) | ("cancel", rid) |
+("ctl", rid, op, args) | ("close",); child -> parent ("res", rid, ok, payload). Generations run on an asyncio
+loop in the child; control operations run in the child's reader thread, in the order they were sent. Engine
+processes fork from a forkserver that imports the main module once (as `spawn` would): a script that starts
+one needs `if __name__ == "__main__":`.
 """
 from __future__ import annotations
 
@@ -26,15 +26,15 @@ import logging
 import pickle
 import threading
 import time
-from typing import Any
 
 import torch
 import torch.multiprocessing as tmp
 
+from thinkrl.rollout.base import EngineCaps, GenerateCall, InferenceEngine, register_engine
+from thinkrl.rollout.weights import CHANNELS, Receiver, as_state_dict, is_path, make_sender
 from thinkrl.types import Generation, SamplingParams
 
 log = logging.getLogger(__name__)
-TRANSPORTS = ("pipe", "shm", "disk", "dist")
 
 
 class EngineProcessError(RuntimeError):
@@ -55,7 +55,6 @@ def _exception(kind: str, msg: str) -> Exception:
 def _child_main(conn, model_bytes: bytes, tok_bytes: bytes | None, version: int, threads: int, engine_kwargs: dict):
     torch.set_num_threads(max(1, threads))
     from thinkrl.rollout.engine import EmbeddedEngine
-    from thinkrl.system import weights as W
 
     send_lock = threading.Lock()
 
@@ -73,12 +72,11 @@ def _child_main(conn, model_bytes: bytes, tok_bytes: bytes | None, version: int,
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, name="thinkrl-engine-loop", daemon=True).start()
     tasks: dict[int, concurrent.futures.Future] = {}
-    state: dict[str, Any] = {"shm": None, "pg": None}
+    receiver = Receiver()
 
-    async def gen(rid, prompt, params, n):
+    async def gen(rid, requests):
         try:
-            out = await engine.generate(prompt, params, n)
-            send(("res", rid, True, out))
+            send(("res", rid, True, await engine.generate_many(requests)))  # submitted together
         except asyncio.CancelledError:
             send(("res", rid, False, ("EngineProcessError", "cancelled")))
         except Exception as e:
@@ -86,28 +84,9 @@ def _child_main(conn, model_bytes: bytes, tok_bytes: bytes | None, version: int,
         finally:
             tasks.pop(rid, None)
 
-    def load(sd, v: int) -> None:
-        engine.pause()
-        try:
-            engine.update_weights(sd, v)
-        finally:
-            engine.resume()
-
     def ctl(op: str, args: tuple):
-        if op == "update":  # transport "pipe": the state dict came with the message
-            return load(args[0], args[1])
-        if op == "attach_shm":
-            state["shm"] = args[0]
-            return None
-        if op == "load_shm":
-            return load(state["shm"], args[0])
-        if op == "load_disk":
-            return load(W.load_safetensors(args[0]), args[1])
-        if op == "join_pg":
-            state["pg"] = W.BroadcastReceiver(*args)
-            return None
-        if op == "load_pg":
-            return load(state["pg"].receive(), args[0])
+        if op == "load":  # (message of a weights.make_sender channel, version)
+            return engine.update_weights(receiver.unpack(args[0]), args[1])
         if op == "pause":
             return engine.pause(*args)
         if op == "resume":
@@ -115,12 +94,11 @@ def _child_main(conn, model_bytes: bytes, tok_bytes: bytes | None, version: int,
         if op == "abort_all":
             return engine.abort_all()
         if op == "stats":
-            return {**engine.stats(), "version": engine.version, "threads": torch.get_num_threads(),
-                    "cpu_seconds": time.process_time()}
+            return {**engine.stats(), "threads": torch.get_num_threads(), "cpu_seconds": time.process_time()}
         if op == "progress":  # most tokens generated by a running sequence (tests use it to time an update)
             # read without the step lock: the engine loop re-takes it right after every step, so a waiter
-            # could starve until the whole generation is over (measured: 5 of 12 polls saw only the end)
-            return int(engine.st.gen.max()) if engine._running else 0
+            # could starve until the whole generation is over
+            return engine.progress()
         raise ValueError(f"unknown control operation {op!r}")
 
     send(("res", 0, True, {"version": engine.version, "threads": torch.get_num_threads()}))
@@ -131,8 +109,8 @@ def _child_main(conn, model_bytes: bytes, tok_bytes: bytes | None, version: int,
             except (EOFError, OSError):
                 break
             if msg[0] == "gen":
-                _, rid, prompt, params, n = msg
-                tasks[rid] = asyncio.run_coroutine_threadsafe(gen(rid, prompt, params, n), loop)
+                _, rid, requests = msg
+                tasks[rid] = asyncio.run_coroutine_threadsafe(gen(rid, requests), loop)
             elif msg[0] == "cancel":
                 fut = tasks.get(msg[1])
                 if fut is not None:
@@ -148,28 +126,32 @@ def _child_main(conn, model_bytes: bytes, tok_bytes: bytes | None, version: int,
     finally:
         engine.close()
         loop.call_soon_threadsafe(loop.stop)
-        if state["pg"] is not None:
-            state["pg"].close()
+        receiver.close()
 
 
 # ============================================================================ parent side
-class ProcessEngine:
-    """The InferenceEngine protocol over an EmbeddedEngine running in a process of its own (see `_context`)."""
+@register_engine("process", placement=True)
+class ProcessEngine(InferenceEngine):
+    """An EmbeddedEngine running in a process of its own (see `_context`); rollout.placement=process."""
+
+    caps = EngineCaps(in_process=False, pause_modes=("in_place", "abort"), transports=CHANNELS,
+                      mid_sequence_update=True)
 
     def __init__(self, model, tokenizer=None, *, version: int = 0, threads: int = 1, transport: str = "shm",
-                 weights_dir: str | None = None, start_timeout: float = 300.0, **engine_kwargs):
-        if transport not in TRANSPORTS:
-            raise ValueError(f"ProcessEngine: transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+                 weights_dir: str | None = None, pause_mode: str = "auto", start_timeout: float = 300.0,
+                 **engine_kwargs):
+        if transport not in CHANNELS:
+            raise ValueError(f"ProcessEngine: transport must be one of {', '.join(CHANNELS)}, got {transport!r}")
         if threads < 1:
             raise ValueError(f"ProcessEngine: threads must be >= 1, got {threads}")
-        self.version, self.transport, self.tokenizer = version, transport, tokenizer
+        super().__init__(version, pause_mode, transport)
+        self.tokenizer, self.weights_dir = tokenizer, weights_dir
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple] = {}  # rid -> (loop or None, future)
         self._lock = threading.Lock()  # the pending table
         self._send_lock = threading.Lock()  # the pipe (a big message must not block the reader)
         self._closed = False
-        self._shm = self._disk = self._bcast = None
-        self._weights_dir = weights_dir
+        self._senders: dict = {}  # transport name -> weights sender, made on first use
         ctx = _context()
         self._conn, child_conn = ctx.Pipe()
         tok_bytes = pickle.dumps(tokenizer) if tokenizer is not None else None
@@ -190,6 +172,13 @@ class ProcessEngine:
         except EngineProcessError:
             self.close()
             raise
+
+    @classmethod
+    def from_config(cls, cfg, model, tokenizer, version: int = 0) -> ProcessEngine:
+        r = cfg.rollout
+        transport = r.weight_sync if r.weight_sync in CHANNELS else "shm"
+        return cls(model, tokenizer, version=version, threads=r.engine_threads, transport=transport,
+                   weights_dir=r.weights_dir or None, pause_mode=r.pause_mode)
 
     # ------------------------------------------------------------------ plumbing
     def _read(self) -> None:
@@ -230,14 +219,19 @@ class ProcessEngine:
     def call(self, op: str, *args, timeout: float | None = None):
         return self.control(op, *args).result(timeout=timeout)
 
-    # ------------------------------------------------------------------ InferenceEngine protocol
+    # ------------------------------------------------------------------ InferenceEngine
     async def generate(self, input_ids: list[int], params: SamplingParams | None = None, n: int = 1) -> list[Generation]:
+        [gens] = await self.generate_many([(input_ids, params, n)])
+        return gens
+
+    async def generate_many(self, requests: list[GenerateCall]) -> list[list[Generation]]:
+        """One message, so the engine process submits the requests together."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         rid = next(self._ids)
         with self._lock:
             self._pending[rid] = (loop, fut)
-        self._send(("gen", rid, list(input_ids), params or SamplingParams(), n))
+        self._send(("gen", rid, [(list(ids), params or SamplingParams(), n) for ids, params, n in requests]))
         try:
             return await fut
         except asyncio.CancelledError:
@@ -249,19 +243,8 @@ class ProcessEngine:
                 pass
             raise
 
-    def generate_batch(self, prompts: list[list[int]], params: SamplingParams | None = None,
-                       n: int = 1) -> list[list[Generation]]:
-        futs = []
-        for p in prompts:
-            rid, fut = next(self._ids), concurrent.futures.Future()
-            with self._lock:
-                self._pending[rid] = (None, fut)
-            self._send(("gen", rid, list(p), params or SamplingParams(), n))
-            futs.append(fut)
-        return [f.result() for f in futs]
-
-    def pause(self, mode: str = "wait") -> None:
-        self.call("pause", mode)
+    def pause(self, mode: str | None = None) -> None:
+        self.call("pause", self.resolve_pause_mode(mode or self.pause_mode))
 
     def resume(self) -> None:
         self.call("resume")
@@ -270,32 +253,19 @@ class ProcessEngine:
         self.call("abort_all")
 
     def update_weights(self, src, version: int) -> None:
-        """Load a state dict (or an nn.Module's) with this engine's transport, or a safetensors path from disk."""
-        from thinkrl.system import weights as W
-
-        if isinstance(src, (str, bytes)) or hasattr(src, "__fspath__"):
-            return self.load_from_disk(src, version)
-        sd = src.state_dict() if isinstance(src, torch.nn.Module) else src
-        if self.transport == "pipe":
-            self.call("update", W.cpu_state_dict(sd), version)
-        elif self.transport == "shm":
-            if self._shm is None:
-                self._shm = W.SharedWeights(sd)
-                self.call("attach_shm", self._shm.tensors)
-            self._shm.write(sd)
-            self.call("load_shm", version)
-        elif self.transport == "disk":
-            if self._disk is None:
-                self._disk = W.DiskStore(self._weights_dir)
-            self.load_from_disk(self._disk.save(sd, version), version)
-        else:  # dist: a broadcast group of two (this process is rank 0)
-            if self._bcast is None:
-                self._bcast = W.BroadcastSender([self], sd)
-            self._bcast.push(sd, version)
-        self.version = version
-
-    def load_from_disk(self, path, version: int) -> None:
-        self.call("load_disk", str(path), version)
+        """A safetensors path loads from disk; a state dict (or an nn.Module's) goes through `self.transport`."""
+        sender = None
+        if is_path(src):
+            msg = ("disk", str(src))
+        else:
+            if self.transport not in self._senders:
+                self._senders[self.transport] = make_sender(self.transport, self.weights_dir)
+            sender = self._senders[self.transport]
+            msg = sender.pack(as_state_dict(src), version)
+        fut = self.control("load", msg, version)
+        if sender is not None:
+            sender.deliver()
+        fut.result()
         self.version = version
 
     def stats(self) -> dict:
@@ -315,15 +285,8 @@ class ProcessEngine:
             self._proc.terminate()
             self._proc.join(timeout=5)
         self._conn.close()
-        for res in (self._bcast, self._shm, self._disk):
-            if res is not None:
-                res.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        for sender in self._senders.values():
+            sender.close()
 
     def __del__(self):  # best effort: never leave an engine process behind
         try:
@@ -333,7 +296,7 @@ class ProcessEngine:
             pass
 
 
-_PRELOAD = ["__main__", "thinkrl.system.engine_worker", "thinkrl.rollout.engine",
+_PRELOAD = ["__main__", "thinkrl.rollout.process", "thinkrl.rollout.engine",
             "transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2"]
 
 
@@ -352,22 +315,14 @@ def _context():
 
 
 def _settle(loop, fut, res) -> None:
-    if loop is None:
-        if not fut.done():
-            fut.set_exception(res) if isinstance(res, BaseException) else fut.set_result(res)
-        return
-
     def go():
         if not fut.done():
             fut.set_exception(res) if isinstance(res, BaseException) else fut.set_result(res)
 
+    if loop is None:
+        go()
+        return
     try:
         loop.call_soon_threadsafe(go)
     except RuntimeError:  # the event loop is closed
         pass
-
-
-def wait_all(futs, timeout: float | None = None) -> list:
-    """Results of concurrent futures (raises the first error)."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    return [f.result(timeout=None if deadline is None else max(0.0, deadline - time.monotonic())) for f in futs]

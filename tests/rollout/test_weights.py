@@ -1,4 +1,4 @@
-"""thinkrl.system.weights and the engine process: every transport loads exactly the pushed weights."""
+"""thinkrl.rollout.weights and the engine process: every transport loads exactly the pushed weights."""
 from __future__ import annotations
 
 import asyncio
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from thinkrl.models.micro import build_micro_model
+from thinkrl.rollout import weights as W
 from thinkrl.rollout.engine import EmbeddedEngine
-from thinkrl.system import weights as W
-from thinkrl.system.engine_worker import EngineProcessError, ProcessEngine
+from thinkrl.rollout.process import EngineProcessError, ProcessEngine
 from thinkrl.types import SamplingParams
 
 
@@ -75,16 +75,18 @@ def test_flat_buffers_view_every_tensor(models):
 def test_in_process_memory_and_disk_sync(models, tok, tmp_path):
     eng = EmbeddedEngine(models[0], tokenizer=tok)
     try:
-        mem = W.make_weight_sync("auto", [eng])
-        assert isinstance(mem, W.MemorySync)
+        mem = W.make_weight_sync("memory", [eng])
+        assert type(mem) is W.WeightSync and mem.name == "memory"
         mem.push(models[1].state_dict(), 1)
         check_serves(eng, models[1], tok, 1)
         disk = W.make_weight_sync("disk", [eng], tmp_path)
         disk.push(models[0].state_dict(), 2)
         check_serves(eng, models[0], tok, 2)
         assert (tmp_path / "v00000002" / "model.safetensors").exists()
-        with pytest.raises(ValueError, match="weight_sync=shm: needs engine processes"):
+        with pytest.raises(ValueError, match="weight_sync=shm: needs an engine process"):
             W.make_weight_sync("shm", [eng])
+        eng.load_weights(str(tmp_path / "v00000002"), 3)  # a safetensors directory, read in this process
+        check_serves(eng, models[0], tok, 3)
     finally:
         eng.close()
 
@@ -118,15 +120,20 @@ def test_bad_names_are_clear_errors(models, tok):
 @pytest.mark.parametrize("transport", ["shm", "disk", "dist", "pipe"])
 def test_process_engine_transports(proc, models, tok, transport):
     proc.transport = transport
-    proc.update_weights(models[1].state_dict(), 7)
+    proc.load_weights(models[1].state_dict(), 7)
     assert proc.version == 7
     check_serves(proc, models[1], tok, 7)
-    proc.update_weights(models[0], 8)  # an nn.Module works too
+    proc.load_weights(models[0], 8)  # an nn.Module works too
     check_serves(proc, models[0], tok, 8)
 
 
 @pytest.mark.parametrize("kind", ["shm", "dist", "disk"])
 def test_weight_sync_kinds_on_an_engine_process(proc, models, tok, kind):
+    proc.transport = "pipe"
+    if kind != "disk":  # the engine process must be loading through that channel already
+        with pytest.raises(ValueError, match=f"weight_sync={kind}: .* loads through pipe"):
+            W.make_weight_sync(kind, [proc])
+        proc.transport = kind
     sync = W.make_weight_sync(kind, [proc])
     try:
         sync.push(models[1].state_dict(), 11)
@@ -141,13 +148,13 @@ def test_bad_requests_are_value_errors(proc, models, tok):
     with pytest.raises(ValueError, match="SamplingParams.max_new_tokens"):
         proc.generate_batch([tok.encode("hi")], SamplingParams(max_new_tokens=0))
     with pytest.raises(ValueError, match="update_weights: unknown parameter 'nope.weight'"):
-        proc.call("update", {"nope.weight": torch.zeros(1)}, 99)  # the pipe transport's message
+        proc.call("load", ("pipe", {"nope.weight": torch.zeros(1)}), 99)  # the pipe transport's message
     check_serves(proc, models[0], tok, proc.version)  # still serving
 
 
 def test_versions_change_mid_sequence_across_an_update(proc, models, tok):
     proc.transport = "shm"
-    proc.update_weights(models[0].state_dict(), 20)
+    proc.load_weights(models[0].state_dict(), 20)
     p = tok.encode("partial rollout")
 
     async def run():
@@ -157,11 +164,11 @@ def test_versions_change_mid_sequence_across_an_update(proc, models, tok):
             if proc.call("progress") >= 3:
                 break
         # Hold the engine at a token boundary first: copying the weights in takes longer than the rest of
-        # the 200 tokens on a fast machine, and the update must land mid-sequence. The update's own
-        # pause -> load -> resume then resumes it.
+        # the 200 tokens on a fast machine, and the update must land mid-sequence. The load's own
+        # pause -> update -> resume then resumes it.
         proc.pause()
         assert 3 <= proc.call("progress") < 200
-        proc.update_weights(models[1].state_dict(), 21)
+        proc.load_weights(models[1].state_dict(), 21)
         return await task
 
     for g in asyncio.run(run()):
