@@ -174,11 +174,11 @@ def test_smollm2_lora_step_then_engine_runs_the_merged_policy():
         trainer.step(make_batch(trajs, cfg.algo, cfg.rollout.max_new_tokens))
         after = policy.state_dict()
         assert all(torch.equal(v, after[k]) for k, v in base_before.items())  # base weights frozen
-        engine.update_weights(merged_state_dict(policy), trainer.version)
+        engine.load_weights(merged_state_dict(policy), trainer.version)
         prompt = trajs[0].tokens[: trajs[0].prompt_len]
         [[g]] = engine.generate_batch([prompt], SamplingParams(max_new_tokens=6, temperature=0.0), 1)
     finally:
-        getattr(engine, "close", lambda: None)()
+        engine.close()
     ref = trainer.forward_logprobs([prompt + g.tokens])[0][0][len(prompt):].detach().cpu()
     with policy.disable_adapter():
         base = trainer.forward_logprobs([prompt + g.tokens])[0][0][len(prompt):].detach().cpu()

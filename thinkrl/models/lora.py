@@ -1,7 +1,7 @@
 """LoRA via peft: wrap a causal LM so that only low-rank adapters train, and merge them for inference.
 
     policy = apply_lora(model, cfg.model)       # PeftModel when model.lora_r > 0, else `model` itself
-    engine.update_weights(merged_state_dict(policy), version)   # base parameter names, W + (alpha/r)·B·A
+    engine.load_weights(merged_state_dict(policy), version)     # base parameter names, W + (alpha/r)·B·A
 
 `apply_lora` wraps `model` in place (peft swaps its Linear layers for LoRA layers), so an inference engine
 that must keep plain base weights needs its own copy of the model made *before* the call (the embedded
