@@ -54,7 +54,7 @@ def cmd_train(argv: list[str]) -> int:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run.output_dir")
     a = p.parse_intermixed_args(argv)
     cfg = _load(a)
-    from thinkrl.train.distributed import run_train
+    from thinkrl.system.launch import run_train
 
     res = run_train(cfg, resume=a.resume)  # train.world_size > 1: spawns the data-parallel ranks
     if res is not None:  # under torchrun, ranks other than 0 return None
@@ -82,14 +82,14 @@ def cmd_eval(argv: list[str]) -> int:
     a = p.parse_intermixed_args(argv)
     cfg = _load(a)
     from thinkrl.system.setup import build_run, make_inference_engine
-    from thinkrl.system.train import close_engine, run_eval
+    from thinkrl.system.train import run_eval
 
     run = build_run(cfg, model_dir=a.model)
     engine = make_inference_engine(cfg, run.model, run.tokenizer)
     try:
         res = run_eval(cfg, engine, run)
     finally:
-        close_engine(engine)
+        engine.close()
     print(json.dumps(res))
     return 0
 
@@ -133,9 +133,9 @@ HANDLERS = {
     "sft": cmd_sft,
     "eval": cmd_eval,
     "bench": cmd_bench,
-    "simulate": _delegate("thinkrl.system.simulate"),
+    "simulate": _delegate("thinkrl.tools.simulate"),
     "puzzles": _delegate("thinkrl.tasks.puzzles"),
-    "filter": _delegate("thinkrl.data.filter"),
+    "filter": _delegate("thinkrl.tools.filter"),
     "serve": _delegate("thinkrl.rollout.server"),
 }
 

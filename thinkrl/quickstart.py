@@ -13,7 +13,7 @@ from pathlib import Path
 from thinkrl.config import load_config
 from thinkrl.system.rundir import RunDir
 from thinkrl.system.setup import build_run, make_inference_engine
-from thinkrl.system.train import close_engine, run_eval, train_rl, train_sft
+from thinkrl.system.train import run_eval, train_rl, train_sft
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart.yaml"
 
@@ -36,7 +36,7 @@ def quickstart(output: str = "runs/quickstart", control: bool = False, overrides
     sft_trainer, _ = train_sft(cfg, run=run, rundir=sft_dir)  # ends with a checkpoint in sft/checkpoints
     engine = make_inference_engine(cfg, run.model, run.tokenizer)
     sft_eval = run_eval(cfg, engine, run, k=0)
-    close_engine(engine)
+    engine.close()
     sft_seconds = time.perf_counter() - t0
     echo(f"  SFT: {cfg.train.sft_steps} steps, {sft_seconds:.0f}s, greedy accuracy {sft_eval['acc/greedy']:.3f}")
     sft_state = copy.deepcopy(run.model.state_dict()) if control else None
@@ -73,7 +73,7 @@ def quickstart(output: str = "runs/quickstart", control: bool = False, overrides
                             trainer=sft_trainer, start_step=cfg.train.sft_steps)
         engine = make_inference_engine(cfg, run.model, run.tokenizer)
         more_eval = run_eval(cfg, engine, run, k=0)
-        close_engine(engine)
+        engine.close()
         summary.update(sft_more_accuracy=more_eval["acc/greedy"], sft_more_steps=more,
                        sft_more_seconds=time.perf_counter() - t2)
         echo(f"  SFT-more (control): {more} extra steps in {rl_seconds:.0f}s, greedy accuracy {more_eval['acc/greedy']:.3f}")

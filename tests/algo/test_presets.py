@@ -17,8 +17,8 @@ EXPECTED = {"grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp", "ppo_gae", "areal
 
 def load(path: Path) -> C.Config:
     data = yaml.safe_load(path.read_text())
-    assert set(data) <= {"algo", "rollout"} and set(data.get("rollout", {})) <= {"mode"}, \
-        f"{path.name}: an algo section (and at most rollout.mode)"
+    assert set(data) <= {"algo", "rollout"} and set(data.get("rollout", {})) <= {"max_staleness"}, \
+        f"{path.name}: an algo section (and at most rollout.max_staleness)"
     cfg = C.Config()
     C._apply(cfg, data, "", C._all_keys(C.Config))
     return cfg

@@ -33,7 +33,7 @@ if TASK not in TASKS:
             return float(sum(map(ord, response)) % 2)
 
 TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
-        "model.intermediate_size=64", "rollout.batch_prompts=4", "rollout.n=4", "rollout.max_new_tokens=12", "rollout.engine=hf", "rollout.mode=sync",
+        "model.intermediate_size=64", "rollout.batch_prompts=4", "rollout.n=4", "rollout.max_new_tokens=12", "rollout.engine=hf", "rollout.max_staleness=0",
         "data.num_train=50", "data.num_eval=8", "eval.k=0", "log.progress=false", "run.threads=1",
         "train.steps=2", f"task.name={TASK}"]
 

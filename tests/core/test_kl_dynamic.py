@@ -50,7 +50,7 @@ def test_dynamic_sampling_fills_the_batch_with_informative_groups(tmp_path):
 @pytest.mark.parametrize("in_reward", [False, True])
 def test_kl_to_reference_in_async_mode(tmp_path, in_reward):
     cfg = load_config(None, TINY + ["algo.kl_coef=0.5", f"algo.kl_in_reward={str(in_reward).lower()}",
-                                     "rollout.mode=async", "rollout.max_staleness=1", "rollout.placement=inline",
+                                     "algo.loss=decoupled_ppo", "rollout.max_staleness=1", "rollout.placement=inline",
                                      "train.steps=3", f"run.output_dir={tmp_path}"])
     train_rl(cfg)
     recs = _metrics(tmp_path)
@@ -62,9 +62,15 @@ def test_kl_to_reference_in_async_mode(tmp_path, in_reward):
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["algo.dynamic_sampling=true", "rollout.mode=async"], "algo.dynamic_sampling: implemented for rollout.mode=sync"),
-    (["algo.dynamic_sampling=true", "cluster.backend=ray"], "algo.dynamic_sampling: implemented for rollout.mode=sync"),
+    (["algo.dynamic_sampling=true", "rollout.max_staleness=1", "algo.loss=decoupled_ppo", "run.deterministic=true"],
+     "run.deterministic with algo.dynamic_sampling: supported with rollout.max_staleness=0 only"),
+    (["rollout.max_staleness=2"], "algo.loss=ppo with rollout.max_staleness=2: off-policy batches need a proximal"),
     (["algo.kl_coef=0.1", "cluster.backend=ray"], "the Ray backend has no reference model"),
+    (["algo.advantage=gae", "cluster.backend=ray"], "the Ray backend has no critic"),
+    (["rollout.max_staleness=1", "algo.loss=decoupled_ppo", "rollout.engine=hf"], "rollout.engine=hf shares"),
+    (["rollout.weight_sync=memory", "rollout.placement=process"], "rollout.weight_sync=memory: needs the engine"),
+    (["train.world_size=2", "rollout.max_staleness=1", "algo.loss=decoupled_ppo"], "train.world_size > 1: data-par"),
+    (["cluster.backend=ray", "cluster.trainer_cpus=0"], "each actor needs a resource"),
 ])
 def test_unsupported_combinations_fail_at_config_load(extra, match):
     from thinkrl.config import ConfigError

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-import types
 
 import pytest
 import torch
 
-from thinkrl.config import load_config
-from thinkrl.system.ray_ import ClusterOptions
+from thinkrl.config import ConfigError, load_config
+from thinkrl.system.ray_ import bundles
 
 TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
         "model.intermediate_size=64", "data.num_train=200", "data.num_eval=8", "rollout.n=4",
@@ -17,15 +16,13 @@ TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "mode
 
 
 def test_bundles_and_option_errors():
-    opts = ClusterOptions(num_engines=2, engine_cpus=1, trainer_cpus=2, trainer_gpus=1)
-    assert opts.validate().bundles() == [{"CPU": 2, "GPU": 1}, {"CPU": 1}, {"CPU": 1}]
-    cfg = types.SimpleNamespace(cluster=types.SimpleNamespace(backend="ray", num_engines=3, placement="SPREAD"))
-    got = ClusterOptions.from_config(cfg)
-    assert (got.num_engines, got.placement, got.engine_cpus) == (3, "SPREAD", 1.0)
-    for kw, needle in [({"num_engines": 0}, "cluster.num_engines"), ({"placement": "ANYWHERE"}, "cluster.placement"),
-                       ({"engine_gpus": -1}, "cluster.engine_gpus"), ({"trainer_cpus": 0}, "each actor needs")]:
-        with pytest.raises(ValueError, match=needle):
-            ClusterOptions(**kw).validate()
+    cfg = load_config(None, ["cluster.backend=ray", "cluster.num_engines=2", "cluster.engine_cpus=1",
+                             "cluster.trainer_cpus=2", "cluster.trainer_gpus=1"])
+    assert bundles(cfg.cluster) == [{"CPU": 2, "GPU": 1}, {"CPU": 1}, {"CPU": 1}]
+    for kw, needle in [("num_engines=0", "cluster.num_engines"), ("placement=ANYWHERE", "cluster.placement"),
+                       ("engine_gpus=-1", "cluster.engine_gpus"), ("trainer_cpus=0", "each actor needs")]:
+        with pytest.raises(ConfigError, match=needle):
+            load_config(None, ["cluster.backend=ray", f"cluster.{kw}"])
 
 
 @pytest.mark.slow
@@ -33,7 +30,7 @@ def test_a_few_steps_on_local_ray(tmp_path):
     ray = pytest.importorskip("ray")
     import thinkrl.system.train as T
 
-    cfg = load_config(None, TINY + [f"run.output_dir={tmp_path}", "train.steps=3", "rollout.mode=async",
+    cfg = load_config(None, TINY + [f"run.output_dir={tmp_path}", "train.steps=3", "algo.loss=decoupled_ppo",
                                     "rollout.max_staleness=1", "algo.entropy_coef=0.01",  # a gradient
                                     "cluster.backend=ray", "cluster.num_engines=1", "cluster.engine_cpus=1",
                                     "cluster.trainer_cpus=1", "cluster.num_cpus=2"])

@@ -17,6 +17,7 @@ from thinkrl.algo.config import AlgoConfig  # noqa: E402
 from thinkrl.config import TrainConfig, load_config  # noqa: E402
 from thinkrl.models.micro import build_tokenizer  # noqa: E402
 from thinkrl.tasks.arithmetic import Arithmetic  # noqa: E402
+from thinkrl.system.launch import run_train  # noqa: E402
 from thinkrl.train import distributed as dp  # noqa: E402
 from thinkrl.train.engine import TrainEngine  # noqa: E402
 
@@ -133,7 +134,7 @@ def _weights(out: Path, step: int) -> dict:
 
 def _run_rl(out: Path, world_size: int, *extra, resume: bool = False) -> dict:
     cfg = load_config(None, TINY + [f"run.output_dir={out}", f"train.world_size={world_size}", *extra])
-    return dp.run_train(cfg, resume=resume, start_method=START)
+    return run_train(cfg, resume=resume, start_method=START)
 
 
 def _assert_same_run(a: Path, b: Path, steps: int) -> None:
@@ -196,20 +197,18 @@ def test_bad_settings_are_clear_errors(tmp_path, monkeypatch):
     def cfg(*extra):
         return load_config(None, TINY + [f"run.output_dir={tmp_path}", "train.world_size=2", *extra])
 
-    with pytest.raises(ValueError, match="rollout.mode='async'"):
-        dp.run_train(cfg("rollout.mode=async"))
+    with pytest.raises(ValueError, match="train.world_size > 1: data-parallel training runs with"):
+        cfg("rollout.max_staleness=1", "algo.loss=decoupled_ppo")
     with pytest.raises(ValueError, match="train.packing=false"):
-        dp.run_train(cfg("train.packing=false"))
+        run_train(cfg("train.packing=false"))
     with pytest.raises(ValueError, match="--resume: no checkpoint"):
-        dp.run_train(cfg(), resume=True)
-    bad = cfg()
-    bad.train.parallel = "zero3"
+        run_train(cfg(), resume=True)
     with pytest.raises(ValueError, match="train.parallel: unknown value 'zero3'; valid: ddp, fsdp2"):
-        dp.run_train(bad)
+        cfg("train.parallel=zero3")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ValueError, match="train.world_size=2 but torchrun started WORLD_SIZE=3"):
-        dp.run_train(cfg())
+        run_train(cfg())
 
 
 # ----------------------------------------------------------------------------- fresh processes (what users run)
@@ -224,7 +223,7 @@ def test_rl_loop_in_fresh_processes(tmp_path, launcher):
     _run_rl(one, 1, "train.steps=2")
     if launcher == "spawn":
         cfg = load_config(None, TINY + [f"run.output_dir={two}", "train.world_size=2", "train.steps=2"])
-        dp.run_train(cfg)  # start_method="spawn"
+        run_train(cfg)  # start_method="spawn"
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                str(dp.free_port()), __file__, str(two), "train.steps=2"]
@@ -235,4 +234,4 @@ def test_rl_loop_in_fresh_processes(tmp_path, launcher):
 
 
 if __name__ == "__main__":  # torchrun --nproc-per-node 2 tests/train/test_distributed.py OUT_DIR [overrides]
-    dp.run_train(load_config(None, TINY + [f"run.output_dir={sys.argv[1]}", *sys.argv[2:]]))
+    run_train(load_config(None, TINY + [f"run.output_dir={sys.argv[1]}", *sys.argv[2:]]))

@@ -16,8 +16,6 @@ is/behav_masked_frac, kl/mean, entropy/mean.
 """
 from __future__ import annotations
 
-import dataclasses
-
 from dataclasses import dataclass
 
 import torch
@@ -159,7 +157,8 @@ def ppo(inp: LossInput, cfg):
 @register_loss("decoupled_ppo")
 def decoupled_ppo(inp: LossInput, cfg):
     """Decoupled PPO (Hilton et al. 2022; AReaL, Fu et al. 2025): the clip is taken against the proximal
-    policy (old_logp, recomputed by the trainer) and the behaviour policy (behav_logp, the engine's)
+    policy (old_logp: the trainer's weights before the step; with one optimizer step per batch the trainer
+    takes them from the step's own forward, detached) and the behaviour policy (behav_logp, the engine's)
     is corrected by a constant importance weight:
 
     l_t = w_t * max(-A r_t, -A clip(r_t, 1 - clip_low, 1 + clip_high)),  r_t = pi / pi_prox,
@@ -215,11 +214,3 @@ def value_loss(
     n = max(float(num_tokens), 1.0)
     loss = 0.5 * (l * mask).sum() / n
     return loss, {"loss/value": float(loss.detach()), "value/clip_frac": float((clipped.to(mask.dtype) * mask).sum()) / n}
-
-
-@register_loss("decoupled_ppo_inline")
-def decoupled_ppo_inline(inp: LossInput, cfg):
-    """`decoupled_ppo` whose proximal policy is the weights before this optimizer step, its log-probs taken from
-    the step's own forward (detached) instead of a separate no-grad pass: the same loss and gradient when the
-    batch gets one optimizer step (algo.ppo_epochs = 1), one forward pass cheaper. inp.old_logp is unused."""
-    return decoupled_ppo(dataclasses.replace(inp, old_logp=inp.logp.detach()), cfg)

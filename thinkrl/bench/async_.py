@@ -3,9 +3,9 @@
 Both arms start from the same model (the quickstart micro model after an SFT warm-up on the teacher's
 demonstrations, or `--model DIR`) and a fresh optimizer, train the same number of samples (`--steps` x
 batch_prompts x n) on the same prompts, and are evaluated on the same held-out problems (greedy pass@1).
-- sync:  thinkrl.system.sync.run_sync: generate a batch, train, update; `--sync-threads` torch threads for both
+- sync:  thinkrl.system.loop.run_loop with η = 0: generate a batch, train, update; `--sync-threads` torch threads
          phases (default 2: the machine's cores).
-- async: thinkrl.system.async_.run_async with η = `--eta`: the embedded engine in its own process
+- async: thinkrl.system.loop.run_loop with η = `--eta`: the embedded engine in its own process
          (`--engine-threads`, default 1) and the trainer in this one (`--trainer-threads`, default 1), so
          generation and training overlap; weights pushed through shared memory after every step (partial
          rollout); decoupled PPO. The engine process is started (and timed) before the clock starts.
@@ -14,7 +14,7 @@ slower than 1, and `ratio_vs_best_sync` compares async with the faster sync arm.
 Reported: trained tokens/s of each arm (prompt + response tokens trained, over the wall time of the RL loop)
 and `ratio` = async / sync, final accuracies, per-phase times, CPU seconds per wall second of each process
 (how much of the machine each arm got), the load average before and after each arm, and a projection:
-the simulator (thinkrl.system.simulate) run with this run's measured lengths and per-token training cost.
+the simulator (thinkrl.tools.simulate) run with this run's measured lengths and per-token training cost.
 """
 from __future__ import annotations
 
@@ -104,12 +104,6 @@ class _CPUTimed:
         object.__setattr__(self, "_t", trainer)
         object.__setattr__(self, "cpu", 0.0)
 
-    def __setattr__(self, name, value):  # run_async sets trainer.acfg: it must reach the trainer
-        if name == "cpu":
-            object.__setattr__(self, name, value)
-        else:
-            setattr(self._t, name, value)
-
     def _timed(self, fn, *args, **kw):
         c = time.thread_time()
         try:
@@ -134,7 +128,6 @@ def run_arm(cfg, model_dir: str, arm: str, a) -> dict:
     from thinkrl.train.engine import TrainEngine
 
     threads = {"sync": a.sync_threads, "sync1": 1, "async": a.trainer_threads}[arm]
-    cfg.rollout.mode = "async" if arm == "async" else "sync"
     cfg.rollout.max_staleness = a.eta if arm == "async" else 0
     run = build_run(cfg, model_dir=model_dir)
     torch.set_num_threads(threads)  # after build_run, which applies run.threads
@@ -144,26 +137,27 @@ def run_arm(cfg, model_dir: str, arm: str, a) -> dict:
     ms: list[dict] = []
     res: dict = {"arm": arm, "threads": threads, "load_before": os.getloadavg()[0]}
     timed = _CPUTimed(trainer)
+    from thinkrl.rollout.weights import WeightSync, make_weight_sync
+    from thinkrl.system.loop import run_loop
+
     if arm == "async":
-        from thinkrl.system.async_ import AsyncOptions, run_async
         from thinkrl.rollout.process import ProcessEngine
 
         t = time.perf_counter()
         child = ProcessEngine(run.model, run.tokenizer, version=trainer.version, threads=a.engine_threads)
         res["engine_start_seconds"] = time.perf_counter() - t
         child_cpu0 = child.stats()["cpu_seconds"]
-        opts = AsyncOptions(placement="inline", weight_sync="engine", engine_threads=a.engine_threads)
         cpu0, t0 = time.process_time(), time.perf_counter()
-        run_async(cfg, child, workflow, timed, run.train_samples, 0, a.steps, lambda s, m: ms.append(m), options=opts)
+        run_loop(cfg, timed, child, WeightSync([child]), workflow, run.train_samples, 0, a.steps,
+                 lambda s, m: ms.append(m))
         wall = time.perf_counter() - t0
         res["engine_cpu_per_step"] = (child.stats()["cpu_seconds"] - child_cpu0) / a.steps
         child.close()
         local.load_weights(trainer.export_weights(), trainer.version)
     else:
-        from thinkrl.system.sync import run_sync
-
         cpu0, t0 = time.process_time(), time.perf_counter()
-        run_sync(cfg, local, workflow, timed, run.train_samples, 0, a.steps, lambda s, m: ms.append(m))
+        run_loop(cfg, timed, local, make_weight_sync("auto", [local]), workflow, run.train_samples, 0, a.steps,
+                 lambda s, m: ms.append(m))
         wall = time.perf_counter() - t0
     res["main_cpu_per_step"] = (time.process_time() - cpu0) / a.steps  # all threads of this process
     res["train_cpu_per_step"] = timed.cpu / a.steps  # proximal log-probs + optimizer steps
@@ -182,11 +176,10 @@ def run_arm(cfg, model_dir: str, arm: str, a) -> dict:
         "staleness_mean": _mean(ms, "staleness/mean"), "staleness_max": max(m.get("staleness/max", 0) for m in ms),
     })
     t = time.perf_counter()
-    ev = evaluate(local, run.tokenizer, run.task, run.eval_samples, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-                  k=0, batch_size=cfg.eval.batch_size)
+    ev = evaluate(local, workflow, run.eval_samples, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                  correct_threshold=cfg.algo.correct_threshold, k=0, batch_size=cfg.eval.batch_size)
     res["accuracy"], res["eval_seconds"] = ev["acc/greedy"], time.perf_counter() - t
-    if hasattr(local, "close"):
-        local.close()
+    local.close()
     print(f"  {arm:6} {wall:7.1f}s  {res['tokens_per_s']:7.0f} tok/s  acc {res['accuracy']:.3f}  "
           f"load {res['load_before']:.1f}->{res['load_after']:.1f}")
     return res
@@ -196,12 +189,12 @@ def projection(cfg, res: dict, eta: int) -> dict:
     """What an idle 2-core machine would do, from CPU seconds measured in this run (insensitive to other load):
     - phase model: sync1 step = its CPU per step; async step = max(trainer CPU, engine CPU) per step (each on
       its own core); sync on 2 cores at best = sync1 / 2 (perfect scaling of every op).
-    - simulator (thinkrl.system.simulate), calibrated: decode cost scaled to the measured generation CPU,
+    - simulator (thinkrl.tools.simulate), calibrated: decode cost scaled to the measured generation CPU,
       train_per_token from the measured training CPU; sync = sync1, colocated = sync on 2 cores with perfect
       scaling, async_partial = the async arm (its training cost includes the proximal log-prob pass)."""
     import dataclasses
 
-    from thinkrl.system.simulate import PRESETS, simulate
+    from thinkrl.tools.simulate import PRESETS, simulate
 
     s1, b = res["sync1"], res["async"]
     B = cfg.rollout.batch_prompts * cfg.rollout.n

@@ -132,8 +132,9 @@ def _summary(walls: list[float], cpus: list[float], rewards: list[float], lens: 
 
 
 def run_thinkrl(cfg, model_dir: str, total: int, warmup: int, expect_ids: list[str]) -> dict:
+    from thinkrl.rollout.weights import make_weight_sync
+    from thinkrl.system.loop import run_loop
     from thinkrl.system.setup import build_run, make_inference_engine, make_workflow
-    from thinkrl.system.sync import rl_step
     from thinkrl.train.engine import TrainEngine
 
     run = build_run(cfg, model_dir=model_dir)
@@ -143,17 +144,25 @@ def run_thinkrl(cfg, model_dir: str, total: int, warmup: int, expect_ids: list[s
     engine = make_inference_engine(cfg, run.model, run.tokenizer, version=trainer.version)
     workflow = make_workflow(cfg, run)
     walls, cpus, rewards, lens, gen, train = [], [], [], [], [], []
-    for step in range(total):
-        t, c = time.perf_counter(), time.process_time()
-        m = rl_step(step, cfg, engine, workflow, trainer, run.train_samples)
-        walls.append(time.perf_counter() - t)
-        cpus.append(time.process_time() - c)
+    mark = [time.perf_counter(), time.process_time()]
+
+    def on_step(step: int, m: dict) -> None:  # the loop's own step (η = 0): generate, train, update weights
+        walls.append(time.perf_counter() - mark[0])
+        cpus.append(time.process_time() - mark[1])
         rewards.append(m["reward/mean"])
         lens.append(m["len/response_mean"])
-        gen.append(m["perf/gen_seconds"])
+        gen.append(m["perf/wait_seconds"])
         train.append(m.get("perf/train_seconds", float("nan")))
-        print(f"  thinkrl step {step}: {walls[-1]:.2f}s (cpu {cpus[-1]:.2f}s, generation {gen[-1]:.2f}s, "
+        print(f"  thinkrl step {step - 1}: {walls[-1]:.2f}s (cpu {cpus[-1]:.2f}s, generation {gen[-1]:.2f}s, "
               f"train {train[-1]:.2f}s) reward {rewards[-1]:.3f} len {lens[-1]:.1f}", flush=True)
+        mark[:] = [time.perf_counter(), time.process_time()]
+
+    sync = make_weight_sync(cfg.rollout.weight_sync, [engine])
+    try:
+        run_loop(cfg, trainer, engine, sync, workflow, run.train_samples, 0, total, on_step)
+    finally:
+        sync.close()
+        engine.close()
     res = _summary(walls, cpus, rewards, lens, warmup)
     res["gen_s_per_step"] = statistics.mean(gen[warmup:])
     res["train_s_per_step"] = statistics.mean(train[warmup:])

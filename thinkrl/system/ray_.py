@@ -1,12 +1,12 @@
 """cluster.backend=ray: the inference engines and the trainer as Ray actors, placed on a cluster.
 
-    run_ray(cfg, engine, workflow, trainer, train_samples, start_step, end_step, on_step)
+    run_ray(cfg, trainer, engine, workflow, train_samples, start_step, end_step, on_step, checkpoint)
 
 - One placement group: bundle 0 for the trainer ({"CPU": trainer_cpus, "GPU": trainer_gpus}), bundles 1..N for
   the engines ({"CPU": engine_cpus, "GPU": engine_gpus} each), strategy PACK (one node if it fits) or SPREAD.
 - EngineActor: an EmbeddedEngine in an async actor (many generate calls in flight). TrainerActor: a TrainEngine.
-- The async controller (thinkrl.system.async_.run_async) runs in the driver unchanged: RayEngine and RayTrainer
-  give it the InferenceEngine and TrainEngine interfaces over the actors; rewards are computed in the driver.
+- The loop (thinkrl.system.loop.run_loop) runs in the driver unchanged: RayEngine and RayTrainer give it the
+  InferenceEngine and TrainEngine interfaces over the actors; rewards are computed in the driver.
 - Weights go trainer actor -> engine actors through the object store (one ray.put, every engine loads it with
   pause -> update -> resume), never through the driver. The driver's model, optimizer state and local engine
   are brought up to date only when a checkpoint or an evaluation is due, and at the end, so `thinkrl train`
@@ -17,15 +17,11 @@ then run `thinkrl train ... cluster.backend=ray cluster.address=auto` on the hea
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-from dataclasses import dataclass
 
 import torch
 
 from thinkrl.rollout.base import EngineCaps, InferenceEngine, register_engine
 from thinkrl.rollout.weights import as_state_dict, is_path
-
-STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 def _ray():
@@ -36,39 +32,12 @@ def _ray():
     return ray
 
 
-@dataclass
-class ClusterOptions:
-    address: str = ""  # "" : a local Ray instance; "auto" or host:port: an existing cluster
-    num_engines: int = 1
-    engine_cpus: float = 1.0
-    engine_gpus: float = 0.0
-    trainer_cpus: float = 1.0
-    trainer_gpus: float = 0.0
-    placement: str = "PACK"
-    num_cpus: int = 0  # local Ray instance: CPUs to offer (0: the bundles' total)
+def bundles(c) -> list[dict]:
+    """The placement group's bundles for cfg.cluster `c`: the trainer's first, then one per engine."""
+    def b(cpu, gpu):
+        return {k: v for k, v in (("CPU", cpu), ("GPU", gpu)) if v}
 
-    @classmethod
-    def from_config(cls, cfg) -> ClusterOptions:
-        c = getattr(cfg, "cluster", None)
-        return cls(**{f.name: getattr(c, f.name) for f in dataclasses.fields(cls) if hasattr(c, f.name)}).validate()
-
-    def validate(self) -> ClusterOptions:
-        if self.num_engines < 1:
-            raise ValueError(f"cluster.num_engines: must be >= 1, got {self.num_engines}")
-        for k in ("engine_cpus", "engine_gpus", "trainer_cpus", "trainer_gpus"):
-            if getattr(self, k) < 0:
-                raise ValueError(f"cluster.{k}: must be >= 0, got {getattr(self, k)}")
-        if self.engine_cpus + self.engine_gpus == 0 or self.trainer_cpus + self.trainer_gpus == 0:
-            raise ValueError("cluster.engine_cpus/engine_gpus and trainer_cpus/trainer_gpus: each actor needs a resource")
-        if self.placement not in STRATEGIES:
-            raise ValueError(f"cluster.placement: unknown value {self.placement!r}; valid: {', '.join(STRATEGIES)}")
-        return self
-
-    def bundles(self) -> list[dict]:
-        def b(cpu, gpu):
-            return {k: v for k, v in (("CPU", cpu), ("GPU", gpu)) if v}
-
-        return [b(self.trainer_cpus, self.trainer_gpus)] + [b(self.engine_cpus, self.engine_gpus)] * self.num_engines
+    return [b(c.trainer_cpus, c.trainer_gpus)] + [b(c.engine_cpus, c.engine_gpus)] * c.num_engines
 
 
 # ============================================================================ actors (plain classes; ray.remote'd lazily)
@@ -102,19 +71,12 @@ class EngineActor:
 
 class TrainerActor:
     def __init__(self, model, tcfg, acfg, state: dict | None, threads: int, autocast_bf16: bool):
-        import importlib
-
         from thinkrl.train.engine import TrainEngine
-
-        importlib.import_module("thinkrl.system.async_")  # registers the decoupled_ppo_inline loss in this process
 
         torch.set_num_threads(max(1, threads))
         self.trainer = TrainEngine(model, tcfg, acfg, autocast_bf16=autocast_bf16)
         if state:
             self.trainer.load_state_dict(state)
-
-    def set_algo(self, acfg) -> None:
-        self.trainer.acfg = acfg
 
     def logprobs(self, trajs):
         return self.trainer.logprobs(trajs)
@@ -182,23 +144,16 @@ class RayEngine(InferenceEngine):
 class RayTrainer:
     """The part of TrainEngine the async controller uses, over a trainer actor."""
 
-    def __init__(self, actor, acfg, version: int):
-        self.actor, self._acfg, self.version = actor, acfg, version
+    def __init__(self, actor, version: int):
+        self.actor, self.version = actor, version
         self.device = torch.device("cpu")
-
-    @property
-    def acfg(self):
-        return self._acfg
-
-    @acfg.setter
-    def acfg(self, value) -> None:
-        _ray().get(self.actor.set_algo.remote(value))
-        self._acfg = value
 
     def logprobs(self, trajs):
         return _ray().get(self.actor.logprobs.remote(trajs))
 
-    def step(self, batch, old_logprobs=None) -> dict:
+    def step(self, batch, old_logprobs=None, ref_logprobs=None) -> dict:
+        if ref_logprobs is not None:  # config validation refuses algo.kl_coef > 0 with cluster.backend=ray
+            raise ValueError("cluster.backend=ray: the trainer actor has no reference model")
         metrics, self.version = _ray().get(self.actor.step.remote(batch, old_logprobs))
         return metrics
 
@@ -221,23 +176,27 @@ class RayWeightSync:
         _ray().get(self.trainer.actor.push_weights.remote(self.engine.actors, version))
         self.engine.version = version
 
+    def push(self, sd, version: int) -> None:  # weights the driver holds (the fixed schedule keeps them)
+        self.engine.load_weights(sd, version)
+
     def close(self) -> None:
         pass
 
 
 # ============================================================================ the run
-def start_actors(cfg, model, tokenizer, trainer_state: dict | None, version: int, opts: ClusterOptions):
+def start_actors(cfg, model, tokenizer, trainer_state: dict | None, version: int):
     """(placement group, trainer actor, engine actors), after ray.init if Ray is not running."""
     ray = _ray()
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    bundles = opts.bundles()
+    opts = cfg.cluster
+    bnd = bundles(opts)
     if not ray.is_initialized():
-        local = {} if opts.address else {"num_cpus": opts.num_cpus or int(sum(b.get("CPU", 0) for b in bundles) + 0.999)}
+        local = {} if opts.address else {"num_cpus": opts.num_cpus or int(sum(b.get("CPU", 0) for b in bnd) + 0.999)}
         ray.init(address=opts.address or None, include_dashboard=False, log_to_driver=False,
                  configure_logging=False, **local)
-    pg = placement_group(bundles, strategy=opts.placement)
+    pg = placement_group(bnd, strategy=opts.placement)
     ray.get(pg.ready(), timeout=300)
 
     def at(i: int):
@@ -255,42 +214,39 @@ def start_actors(cfg, model, tokenizer, trainer_state: dict | None, version: int
     return pg, trainer, engines
 
 
-def run_ray(cfg, engine, workflow, trainer, train_samples, start_step: int, end_step: int,
-            on_step=None, time_budget: float | None = None) -> int:
-    """The async controller (η = rollout.max_staleness; rollout.mode=sync runs it with η = 0) on Ray actors.
-    `trainer` and `engine` are the driver's: they receive the weights (and optimizer state) when a checkpoint
-    or an evaluation is due and at the end."""
+def run_ray(cfg, trainer, engine, workflow, train_samples, start_step: int, end_step: int, on_step=None,
+            checkpoint=None, time_budget: float | None = None, critic=None, restore: dict | None = None) -> int:
+    """The loop (thinkrl.system.loop.run_loop) with its trainer and engines as Ray actors. `trainer` and
+    `engine` are the driver's: they get the actor's weights and optimizer state before a checkpoint or an
+    evaluation and at the end."""
     ray = _ray()
-    from thinkrl.system.async_ import AsyncOptions, run_async
+    from thinkrl.system.loop import run_loop
 
-    opts = ClusterOptions.from_config(cfg)
-    if cfg.train.world_size > 1:
-        raise ValueError("train.world_size > 1 with cluster.backend=ray: one trainer rank per run for now")
+    if critic is not None:  # config validation refuses algo.advantage=gae with cluster.backend=ray
+        raise ValueError("cluster.backend=ray: a critic (algo.advantage=gae) is not supported on Ray")
     pg, t_actor, e_actors = start_actors(cfg, trainer.model, getattr(workflow, "tokenizer", None),
-                                         trainer.state_dict(), trainer.version, opts)
-    rtrainer = RayTrainer(t_actor, trainer.acfg, trainer.version)
-    rengine = RayEngine(e_actors, trainer.version)
-    sync = RayWeightSync(rtrainer, rengine)
+                                         trainer.state_dict(), trainer.version)
+    rtrainer = RayTrainer(t_actor, trainer.version)
+    sync = RayWeightSync(rtrainer, RayEngine(e_actors, trainer.version))
 
     def pull() -> None:
-        sd = rtrainer.export_weights()
-        trainer.model.load_state_dict(sd)
+        trainer.model.load_state_dict(rtrainer.export_weights())
         trainer.load_state_dict(rtrainer.state_dict())
-        if engine is not None:
-            engine.load_weights(trainer.export_weights(), trainer.version)
 
-    def wrapped(step: int, m: dict) -> None:
-        save, every = cfg.train.save_every, cfg.eval.every
-        if (save and step % save == 0) or (every and step % every == 0):
+    def step_done(step: int, m: dict) -> None:
+        if cfg.eval.every and step % cfg.eval.every == 0:
             pull()
         if on_step:
             on_step(step, m)
 
-    if cfg.rollout.mode == "sync":
-        cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_staleness=0))
+    def save(step: int, state: dict) -> None:
+        pull()
+        if checkpoint:
+            checkpoint(step, state)
+
     try:
-        last = run_async(cfg, rengine, workflow, rtrainer, train_samples, start_step, end_step, wrapped, time_budget,
-                         options=AsyncOptions(placement="inline"), sync=sync)
+        last = run_loop(cfg, rtrainer, sync.engine, sync, workflow, train_samples, start_step, end_step, step_done,
+                        save, time_budget, restore=restore)
         pull()
     finally:
         for a in e_actors + [t_actor]:

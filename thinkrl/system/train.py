@@ -1,4 +1,14 @@
-"""`thinkrl train` and `thinkrl sft`: full runs with a run directory, metrics, checkpoints and resume."""
+"""`thinkrl train` and `thinkrl sft`: runs with a run directory, metrics, checkpoints and exact resume.
+
+    final = train_rl(cfg, resume=False)
+    trainer, steps = train_sft(cfg, resume=False)
+
+train_rl builds the parts (policy, trainer, critic, engines, workflow), restores them from the newest good
+checkpoint on resume, runs the one loop (thinkrl.system.loop) and evaluates. An RL checkpoint holds everything
+continuing needs: HF weights, optimizer and scheduler, RNG states, step, policy version, critic, LoRA adapters,
+and the rollouts already generated or in flight with their staleness accounting (the data position is the
+step: prompts are a pure function of (seed, step)).
+"""
 from __future__ import annotations
 
 import copy
@@ -9,15 +19,13 @@ from tqdm.auto import tqdm
 
 from thinkrl.eval.evaluate import evaluate
 from thinkrl.system.checkpoint import load_state, load_weights_into, rng_state, set_rng_state
+from thinkrl.system.loop import run_loop, threads_for_trainer, with_threads
+from thinkrl.system.placement import engine_options, place_rollouts
 from thinkrl.system.rundir import RunDir
 from thinkrl.system.setup import build_run, make_inference_engine, make_workflow
-from thinkrl.system.async_ import run_rl  # sync, async (staleness-bounded) or Ray, per the config
 from thinkrl.train.critic import Critic
 from thinkrl.train.engine import TrainEngine
 from thinkrl.train.sft import build_sft_examples, run_sft
-
-LOG_KEYS = ["step", "reward/mean", "acc/mean", "group/all_correct_frac", "group/all_wrong_frac", "len/response_mean",
-            "loss/policy", "clip/frac", "grad/norm", "perf/tokens_per_s", "perf/step_seconds"]
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
@@ -35,13 +43,8 @@ def run_eval(cfg, engine, run, k: int | None = None) -> dict:
                     temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size)
 
 
-def close_engine(engine) -> None:
-    """Stop an engine's worker thread/process (an engine left running can abort the interpreter at exit)."""
-    engine.close()
-
-
-def _extra(critic) -> dict:
-    return {"critic": critic.state_dict()} if critic is not None else {}
+def _adapters(policy) -> dict:
+    return {k: v.detach().clone() for k, v in policy.state_dict().items() if "lora_" in k}
 
 
 def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, time_budget: float | None = None) -> dict:
@@ -49,59 +52,82 @@ def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, 
     rundir = rundir or RunDir(cfg.run.output_dir)
     rundir.write_config(cfg, resume)  # on resume: first checks that the config would not change the results
     run = run or build_run(cfg)
-    ckpt = None
-    if resume:
-        ckpt = rundir.resume_checkpoint()
-        load_weights_into(run.model, ckpt)
-    # LoRA: the trainer optimises adapters on a wrapped policy; the engine and the checkpoints get plain
-    # merged weights (`engine_model`). Resuming a LoRA run restarts the adapters from the merged weights.
+    ckpt = rundir.resume_checkpoint() if resume else None
+    state = load_state(ckpt) if ckpt is not None else None
+    # LoRA: the trainer optimises adapters on the wrapped policy over the run's base weights; the engine and the
+    # checkpoints' HF weights are the merged weights (`engine_model`); resume restores the adapters themselves.
     policy = engine_model = run.model
     if cfg.model.lora_r > 0:
         from thinkrl.models.lora import apply_lora
 
         engine_model = copy.deepcopy(run.model)
         policy = apply_lora(run.model, cfg.model)
+    if state is not None:
+        if cfg.model.lora_r > 0:
+            policy.load_state_dict(state["lora"], strict=False)
+        else:
+            load_weights_into(run.model, ckpt)
     trainer = TrainEngine(policy, cfg.train, cfg.algo, autocast_bf16=cfg.model.autocast_bf16)
     critic = Critic.maybe_create(cfg, run)  # value model for algo.advantage=gae, else None
-    start = 0
-    if ckpt is not None:
-        state = load_state(ckpt)
-        if cfg.model.lora_r == 0:
-            trainer.load_state_dict(state["trainer"])
-        trainer.version = state["trainer"]["version"]
-        set_rng_state(state["rng"])
+    start, restore = 0, None
+    if state is not None:
+        trainer.load_state_dict(state["trainer"])
         if critic is not None:
             critic.load_state_dict(state["critic"])
-        start = state["step"]
+        set_rng_state(state["rng"])
+        start, restore = state["step"], state["rollouts"]
         rundir.truncate_metrics(start)
+    if engine_model is not policy:
+        engine_model.load_state_dict(trainer.export_weights())
 
-    def save(step: int) -> None:
+    def save(step: int, loop_state: dict) -> None:
         if engine_model is not policy:
             engine_model.load_state_dict(trainer.export_weights())
-        state = {"trainer": trainer.state_dict(), "rng": rng_state(), **_extra(critic)}
-        rundir.save_checkpoint(step, engine_model, run.tokenizer, state, cfg.train.keep_checkpoints)
+        st = {"step": step, "trainer": trainer.state_dict(), "rng": rng_state(), **loop_state}
+        if critic is not None:
+            st["critic"] = critic.state_dict()
+        if cfg.model.lora_r > 0:
+            st["lora"] = _adapters(policy)
+        rundir.save_checkpoint(step, engine_model, run.tokenizer, st, cfg.train.keep_checkpoints)
 
-    engine = make_inference_engine(cfg, engine_model, run.tokenizer, version=trainer.version)
+    engine = make_inference_engine(cfg, engine_model, run.tokenizer, version=trainer.version, **engine_options(cfg))
     workflow = make_workflow(cfg, run)
     bar = _progress(cfg.train.steps, start, "rl", cfg.log.progress)
     t0 = time.perf_counter()
+    placed = None
+
+    def eval_engine():
+        """The in-process engine evaluates; with the rollouts elsewhere it first gets the trainer's weights."""
+        if cfg.cluster.backend == "ray" or (placed is not None and placed.engine is not engine):
+            engine.load_weights(trainer.export_weights(), trainer.version)
+        return engine
 
     def on_step(step: int, m: dict) -> None:
         m = {"step": step, "time": time.perf_counter() - t0, **m}
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
-            m.update({f"eval/{k}": v for k, v in run_eval(cfg, engine, run, k=0).items()})
+            m.update({f"eval/{k}": v for k, v in run_eval(cfg, eval_engine(), run, k=0).items()})
         rundir.log(m)
         bar.set_postfix(reward=f"{m['reward/mean']:.3f}", acc=f"{m['acc/mean']:.3f}", refresh=False)
         bar.update(1)
-        if cfg.train.save_every and step % cfg.train.save_every == 0:
-            save(step)
 
-    last = run_rl(cfg, engine, workflow, trainer, run.train_samples, start, cfg.train.steps, on_step, time_budget, critic=critic)
-    bar.close()
-    save(last)
-    final = run_eval(cfg, engine, run)
+    args = (workflow, run.train_samples, start, cfg.train.steps, on_step, save, time_budget, critic, restore)
+    try:
+        if cfg.cluster.backend == "ray":
+            from thinkrl.system.ray_ import run_ray
+
+            last = run_ray(cfg, trainer, engine, *args)
+        else:
+            placed = place_rollouts(cfg, engine, engine_model, run.tokenizer, trainer.version)
+            try:
+                last = with_threads(threads_for_trainer(cfg, placed.owned and trainer.device.type == "cpu"),
+                                    lambda: run_loop(cfg, trainer, placed.engine, placed.sync, *args))
+            finally:
+                placed.close()
+        bar.close()
+        final = run_eval(cfg, eval_engine(), run)
+    finally:
+        engine.close()
     final["steps"] = last
-    close_engine(engine)
     (rundir.path / "eval.json").write_text(json.dumps(final, indent=2))
     return final
 

@@ -16,7 +16,7 @@ exactly the one-process gradient of the whole batch (then clipped on the full gr
          sharded over ranks (dim 0); a layer's weights are all-gathered for its forward/backward and its
          gradients reduce-scattered. Rank 0 also keeps a full copy of the model for its inference engine.
 
-The RL loop (`run_train`): rank 0 runs `thinkrl.system.train.train_rl` unchanged: it owns the inference
+In an RL run (thinkrl.system.launch.run_train) rank 0 runs the loop unchanged: it owns the inference
 engine, generation, evaluation, logging and checkpoints. Ranks > 0 only train: they `serve` the trainer,
 and rank 0's TrainEngine hands them every collective call (init, logprobs, step, export_weights,
 state_dict, load_state_dict) with its arguments (`share`, a broadcast_object_list). After each step
@@ -310,53 +310,3 @@ def _rank_main(rank: int, fn, world_size: int, threads: int, args: tuple) -> Non
     if threads > 0:
         torch.set_num_threads(threads)
     fn(rank, world_size, *args)
-
-
-# ============================================================================ the RL loop
-def _rl_rank(rank: int, world_size: int, cfg, resume: bool) -> dict | None:
-    from thinkrl.device import resolve_device
-    from thinkrl.system.setup import build_run
-    from thinkrl.system.train import train_rl
-
-    mode = cfg.train.parallel
-    ctx = init_distributed(world_size, rank, mode=mode, device=resolve_device(cfg.run.device))
-    try:
-        if rank == 0:
-            with lead(ctx):
-                return train_rl(cfg, resume=resume)
-        run = build_run(cfg)  # the same model (DDP / FSDP2 broadcast rank 0's weights anyway)
-        serve(run.model, ctx)
-        return None
-    finally:
-        shutdown()
-
-
-def run_train(cfg, resume: bool = False, start_method: str = "spawn") -> dict | None:
-    """`thinkrl train` for any train.world_size: one process runs `train_rl`; more start ranks (`launch`), or
-    run as one under torchrun. Returns the final eval metrics (None on ranks > 0 under torchrun)."""
-    world_size = int(os.environ["WORLD_SIZE"]) if under_torchrun() and cfg.train.world_size == 1 else cfg.train.world_size
-    if world_size == 1:
-        from thinkrl.system.train import train_rl
-
-        return train_rl(cfg, resume=resume)
-    if cfg.rollout.mode != "sync":
-        raise ValueError(f"rollout.mode={cfg.rollout.mode!r}: train.world_size > 1 supports only rollout.mode=sync")
-    mode = cfg.train.parallel
-    if mode not in MODES:
-        raise ValueError(f"train.parallel: unknown value {mode!r}; valid: {', '.join(MODES)}")
-    if not cfg.train.packing:
-        raise ValueError("train.packing=false: train.world_size > 1 needs packed micro-batches (train.packing=true)")
-    if resume:
-        from thinkrl.system.rundir import RunDir
-
-        RunDir(cfg.run.output_dir).resume_checkpoint()  # no good checkpoint: the one-line error before ranks start
-    if under_torchrun():
-        if int(os.environ["WORLD_SIZE"]) != world_size:
-            raise ValueError(f"train.world_size={world_size} but torchrun started WORLD_SIZE={os.environ['WORLD_SIZE']} processes")
-        return _rl_rank(int(os.environ["RANK"]), world_size, cfg, resume)
-    cpu = "cuda" not in str(cfg.run.device) and not (cfg.run.device == "auto" and torch.cuda.is_available())
-    threads = cfg.run.threads or (max(1, (os.cpu_count() or 1) // world_size) if cpu else 0)
-    launch(_rl_rank, world_size, cfg, resume, threads=threads, start_method=start_method)
-    import json
-
-    return json.loads((Path(cfg.run.output_dir) / "eval.json").read_text())

@@ -165,6 +165,11 @@ class TrainEngine:
             batch, old_logprobs = self.dist.share("step", batch, old_logprobs)
         trajs = batch.trajectories
         loss_fn = get_loss(self.acfg.loss)
+        # decoupled PPO's proximal policy is the weights before this step: without recomputed log-probs (one
+        # epoch) they are the step's own forward, detached; other losses default to the behaviour log-probs
+        proximal_inline = old_logprobs is None and self.acfg.loss == "decoupled_ppo"
+        if proximal_inline and self.acfg.ppo_epochs > 1:
+            raise ValueError("decoupled_ppo with algo.ppo_epochs > 1 needs recomputed proximal log-probs")
         old = old_logprobs if old_logprobs is not None else [t.logprobs for t in trajs]
         num_tokens = float(sum(t.num_response_tokens for t in trajs))
         num_seqs = float(len(trajs))
@@ -179,9 +184,10 @@ class TrainEngine:
                     self.dist.grad_sync(self.model, j == len(mbs) - 1)
                 lps, ents = self.forward(mb, with_entropy=True)
                 cat = lambda xs: torch.cat([torch.as_tensor(x, dtype=torch.float32) for x in xs]).to(self.device)  # noqa: E731
+                logp = torch.cat(lps)
                 inp = LossInput(
-                    logp=torch.cat(lps),
-                    old_logp=cat([old[i] for i in group]),
+                    logp=logp,
+                    old_logp=logp.detach() if proximal_inline else cat([old[i] for i in group]),
                     advantages=cat([batch.advantages[i] for i in group]),
                     mask=cat([[float(m) for m in trajs[i].loss_mask] for i in group]),
                     seq_ids=torch.cat([torch.full((len(trajs[i].tokens),), i, dtype=torch.long) for i in group]).to(self.device),

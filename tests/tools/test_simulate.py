@@ -1,4 +1,4 @@
-"""thinkrl.system.simulate: hand-computed timelines, then the properties the model must show."""
+"""thinkrl.tools.simulate: hand-computed timelines, then the properties the model must show."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from thinkrl.system.simulate import PRESETS, SimConfig, main, simulate
+from thinkrl.tools.simulate import PRESETS, SimConfig, main, simulate
 
 # A tiny machine for hand-computed timelines: decode step = 1 + 0.5 * running seconds.
 TINY = dict(n_infer=1, n_train=1, decode_a=1.0, decode_b=0.5, prompt_len=0, prefill_per_token=0.0,

@@ -14,7 +14,7 @@ import pytest
 
 import thinkrl.system.setup as setup
 from thinkrl.cli import main as cli_main
-from thinkrl.data.filter import count_correct, format_histogram, hist_path_for, histogram, in_range, main, parse_keep
+from thinkrl.tools.filter import count_correct, format_histogram, hist_path_for, histogram, in_range, main, parse_keep
 from thinkrl.tasks import make_task
 from thinkrl.types import Generation
 

@@ -1,0 +1,59 @@
+"""Where the rollout engine runs, and how weights reach it (rollout.placement, rollout.weight_sync).
+
+- `inline`: the engine built for the run (thinkrl.system.setup.make_inference_engine), in this process.
+- `process`: an embedded engine in a process of its own (thinkrl.rollout.process.ProcessEngine): on one
+  machine the trainer and the engine then run at the same time on separate cores, each with its own GIL.
+- `auto`: `process` for the embedded engine when η > 0 (generation overlaps training), else `inline`.
+The Ray backend (thinkrl.system.ray_) is a third placement of the same parts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def resolved_placement(cfg) -> str:
+    r = cfg.rollout
+    if r.placement != "auto":
+        return r.placement
+    return "process" if r.engine == "embedded" and r.max_staleness > 0 else "inline"
+
+
+@dataclass
+class Placed:
+    engine: object  # the engine the rollouts use
+    sync: object  # its weight transport (thinkrl.rollout.weights)
+    owned: bool  # built here (an engine process): the run closes it
+
+    def close(self) -> None:
+        self.sync.close()
+        if self.owned:
+            self.engine.close()
+
+
+def place_rollouts(cfg, engine, model, tokenizer, version: int) -> Placed:
+    """The rollout engine for cfg: `engine` itself (inline) or an engine process started from `model`."""
+    from thinkrl.rollout.weights import WeightSync, make_weight_sync
+
+    r = cfg.rollout
+    if resolved_placement(cfg) == "inline":
+        if not cfg.run.deterministic:
+            return Placed(engine, make_weight_sync(r.weight_sync, [engine], r.weights_dir or None), False)
+        # deterministic: evaluation must not share the rollouts' engine (it would change the engine's batches)
+        import copy
+
+        from thinkrl.system.setup import make_inference_engine
+
+        own = make_inference_engine(cfg, copy.deepcopy(model), tokenizer, version=version, **engine_options(cfg))
+        return Placed(own, make_weight_sync(r.weight_sync, [own], r.weights_dir or None), True)
+    from thinkrl.rollout.process import ProcessEngine
+
+    transport = r.weight_sync if r.weight_sync in ("shm", "disk", "dist") else "shm"
+    eng = ProcessEngine(model, tokenizer, version=version, threads=r.engine_threads, transport=transport,
+                        weights_dir=r.weights_dir or None, **engine_options(cfg))
+    return Placed(eng, WeightSync([eng]), True)
+
+
+def engine_options(cfg) -> dict:
+    """Embedded-engine options the config fixes: with run.deterministic the linear kernel is not picked by
+    timing (a timing can differ between runs)."""
+    return {"linear": "torch"} if cfg.run.deterministic and cfg.rollout.engine == "embedded" else {}
