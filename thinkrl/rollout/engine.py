@@ -84,7 +84,9 @@ class EmbeddedEngine(InferenceEngine):
 
     @classmethod
     def from_config(cls, cfg, model, tokenizer, version: int = 0) -> EmbeddedEngine:
-        return cls(model, tokenizer=tokenizer, version=version, pause_mode=cfg.rollout.pause_mode)
+        # run.deterministic: the linear kernel is not picked by timing (a timing can differ between runs)
+        return cls(model, tokenizer=tokenizer, version=version, pause_mode=cfg.rollout.pause_mode,
+                   linear="torch" if cfg.run.deterministic else "auto")
 
     # ---------------------------------------------------------------- public API
     async def generate(self, input_ids: list[int], params: SamplingParams | None = None,

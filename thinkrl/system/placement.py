@@ -43,17 +43,9 @@ def place_rollouts(cfg, engine, model, tokenizer, version: int) -> Placed:
 
         from thinkrl.system.setup import make_inference_engine
 
-        own = make_inference_engine(cfg, copy.deepcopy(model), tokenizer, version=version, **engine_options(cfg))
+        own = make_inference_engine(cfg, copy.deepcopy(model), tokenizer, version=version)
         return Placed(own, make_weight_sync(r.weight_sync, [own], r.weights_dir or None), True)
     from thinkrl.rollout.process import ProcessEngine
 
-    transport = r.weight_sync if r.weight_sync in ("shm", "disk", "dist") else "shm"
-    eng = ProcessEngine(model, tokenizer, version=version, threads=r.engine_threads, transport=transport,
-                        weights_dir=r.weights_dir or None, **engine_options(cfg))
+    eng = ProcessEngine.from_config(cfg, model, tokenizer, version)
     return Placed(eng, WeightSync([eng]), True)
-
-
-def engine_options(cfg) -> dict:
-    """Embedded-engine options the config fixes: with run.deterministic the linear kernel is not picked by
-    timing (a timing can differ between runs)."""
-    return {"linear": "torch"} if cfg.run.deterministic and cfg.rollout.engine == "embedded" else {}

@@ -169,6 +169,9 @@ class Producer:
             with self._cv:
                 got = self.pending.get(need)
             if got is None:
+                if need < self.loaded:  # never published here (a resume without the checkpoint's rollouts)
+                    buf.fail(RuntimeError(f"fixed schedule: batch {k} needs the weights after step {need}, "
+                                          f"which this run does not have"))
                 return []
             self.sync.push(*got)  # the engine is idle: no sequence sees two versions
             self.loaded, self.version = need, got[1]

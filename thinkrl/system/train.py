@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from thinkrl.eval.evaluate import evaluate
 from thinkrl.system.checkpoint import load_state, load_weights_into, rng_state, set_rng_state
 from thinkrl.system.loop import run_loop, threads_for_trainer, with_threads
-from thinkrl.system.placement import engine_options, place_rollouts
+from thinkrl.system.placement import place_rollouts
 from thinkrl.system.rundir import RunDir
 from thinkrl.system.setup import build_run, make_inference_engine, make_workflow
 from thinkrl.train.critic import Critic
@@ -90,7 +90,7 @@ def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, 
             st["lora"] = _adapters(policy)
         rundir.save_checkpoint(step, engine_model, run.tokenizer, st, cfg.train.keep_checkpoints)
 
-    engine = make_inference_engine(cfg, engine_model, run.tokenizer, version=trainer.version, **engine_options(cfg))
+    engine = make_inference_engine(cfg, engine_model, run.tokenizer, version=trainer.version)
     workflow = make_workflow(cfg, run)
     bar = _progress(cfg.train.steps, start, "rl", cfg.log.progress)
     t0 = time.perf_counter()
