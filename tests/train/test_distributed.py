@@ -140,7 +140,8 @@ def _run_rl(out: Path, world_size: int, *extra, resume: bool = False) -> dict:
 def _assert_same_run(a: Path, b: Path, steps: int) -> None:
     ra, rb = _records(a), _records(b)
     assert [r["step"] for r in ra] == [r["step"] for r in rb] == list(range(1, steps + 1))
-    assert any(abs(r["loss/policy"]) > 1e-4 for r in ra) and all(r["grad/norm"] > 1e-4 for r in ra)  # a real signal
+    # a real signal (the on-policy loss value itself is ~0 when every response has the same length)
+    assert all(r["grad/norm"] > 1e-4 for r in ra)
     for x, y in zip(ra, rb):
         # same trajectories (rank 0 generated exactly what the single process did) ...
         assert x["reward/mean"] == y["reward/mean"] and x["len/response_mean"] == y["len/response_mean"]
@@ -198,7 +199,7 @@ def test_bad_settings_are_clear_errors(tmp_path, monkeypatch):
         return load_config(None, TINY + [f"run.output_dir={tmp_path}", "train.world_size=2", *extra])
 
     with pytest.raises(ValueError, match="train.world_size > 1: data-parallel training runs with"):
-        cfg("rollout.max_staleness=1", "algo.loss=decoupled_ppo")
+        cfg("rollout.max_staleness=1", "algo.loss=decoupled_ppo", "rollout.engine=embedded")
     with pytest.raises(ValueError, match="train.packing=false"):
         run_train(cfg("train.packing=false"))
     with pytest.raises(ValueError, match="--resume: no checkpoint"):
