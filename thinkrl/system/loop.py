@@ -160,23 +160,3 @@ def run_loop(cfg, trainer, engine, sync, workflow, train_samples, start_step: in
     finally:
         producer.stop()
     return step
-
-
-def threads_for_trainer(cfg, owned_process: bool) -> int | None:
-    """With an engine process on the CPU the cores are split: the trainer gets run.threads, or the cores the
-    engine's rollout.engine_threads leave (None: leave torch's setting)."""
-    if not owned_process:
-        return None
-    import os
-
-    return cfg.run.threads or max(1, (os.cpu_count() or 2) - cfg.rollout.engine_threads)
-
-
-def with_threads(n: int | None, fn: Callable[[], int]) -> int:
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(old)

@@ -8,7 +8,11 @@ The Ray backend (thinkrl.system.ray_) is a third placement of the same parts.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Callable
+
+import torch
 
 
 def resolved_placement(cfg) -> str:
@@ -22,7 +26,8 @@ def resolved_placement(cfg) -> str:
 class Placed:
     engine: object  # the engine the rollouts use
     sync: object  # its weight transport (thinkrl.rollout.weights)
-    owned: bool  # built here (an engine process): the run closes it
+    owned: bool  # built here: the run closes it
+    process: bool = False  # an engine process: the trainer's threads leave it its cores
 
     def close(self) -> None:
         self.sync.close()
@@ -48,4 +53,22 @@ def place_rollouts(cfg, engine, model, tokenizer, version: int) -> Placed:
     from thinkrl.rollout.process import ProcessEngine
 
     eng = ProcessEngine.from_config(cfg, model, tokenizer, version)
-    return Placed(eng, WeightSync([eng]), True)
+    return Placed(eng, WeightSync([eng]), True, process=True)
+
+
+def threads_for_trainer(cfg, engine_process: bool) -> int | None:
+    """With an engine process on the CPU the cores are split: the trainer gets run.threads, or the cores the
+    engine's rollout.engine_threads leave (None: leave torch's setting)."""
+    if not engine_process:
+        return None
+    return cfg.run.threads or max(1, (os.cpu_count() or 2) - cfg.rollout.engine_threads)
+
+
+def with_threads(n: int | None, fn: Callable[[], int]) -> int:
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(old)

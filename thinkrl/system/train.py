@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 
 from thinkrl.eval.evaluate import evaluate
 from thinkrl.system.checkpoint import load_state, load_weights_into, rng_state, set_rng_state
-from thinkrl.system.loop import run_loop, threads_for_trainer, with_threads
-from thinkrl.system.placement import place_rollouts
+from thinkrl.system.loop import run_loop
+from thinkrl.system.placement import place_rollouts, threads_for_trainer, with_threads
 from thinkrl.system.rundir import RunDir
 from thinkrl.system.setup import build_run, make_inference_engine, make_workflow
 from thinkrl.train.critic import Critic
@@ -119,7 +119,7 @@ def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, 
         else:
             placed = place_rollouts(cfg, engine, engine_model, run.tokenizer, trainer.version)
             try:
-                last = with_threads(threads_for_trainer(cfg, placed.owned and trainer.device.type == "cpu"),
+                last = with_threads(threads_for_trainer(cfg, placed.process and trainer.device.type == "cpu"),
                                     lambda: run_loop(cfg, trainer, placed.engine, placed.sync, *args))
             finally:
                 placed.close()
