@@ -372,7 +372,7 @@ class Server(OpenAIRoutes):
                 "max_context_length": self.max_len}
 
     def _server_info(self, req: Request):
-        return {"engine": type(self.engine).__name__, "weight_version": str(self.engine.version),
+        return {"engine": self.engine.name, "weight_version": str(self.engine.version),
                 "queued": self.queued, "max_queue": self.max_queue, "paused": self.paused,
                 "max_context_length": self.max_len, "served_model_name": self.served_name}
 
