@@ -135,8 +135,6 @@ class EvalConfig:
 @dataclass
 class LogConfig:
     progress: bool = True
-    wandb: bool = False
-    tensorboard: bool = False
 
 
 @dataclass

@@ -254,3 +254,16 @@ def test_async_run_with_the_engine_in_its_own_process(tmp_path):
     assert res["steps"] == 4 and [r["step"] for r in recs] == [1, 2, 3, 4]
     assert all(r["staleness/max"] <= 1 for r in recs) and "is/behav_weight_max" in recs[-1]  # decoupled PPO
     assert max(r["staleness/mean"] for r in recs) > 0  # generation did run ahead of training
+
+
+def test_resume_names_a_truncated_last_checkpoint_and_continues_from_the_previous(tmp_path, caplog):
+    over = TINY + ["run.deterministic=true", "train.save_every=1", f"run.output_dir={tmp_path / 'b'}"]
+    train_rl(load_config(None, TINY + ["run.deterministic=true", "train.steps=3", f"run.output_dir={tmp_path / 'a'}"]))
+    train_rl(load_config(None, over + ["train.steps=2"]))
+    weights = tmp_path / "b" / "checkpoints" / "step_000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a torn write
+    with caplog.at_level("WARNING"):
+        train_rl(load_config(None, over + ["train.steps=3"]), resume=True)
+    bad = [r.getMessage() for r in caplog.records if "step_000002" in r.getMessage()]
+    assert len(bad) == 1 and "model.safetensors" in bad[0] and "\n" not in bad[0]
+    _same(_comparable(_metrics(tmp_path / "a")), _comparable(_metrics(tmp_path / "b")), tol=0.0)

@@ -8,7 +8,7 @@ one optimizer update per batch (thinkrl: algo.ppo_epochs=1; TRL: num_iterations=
 of P*n completions per optimizer step), the same lr / clip / grad clip / Adam betas, token-mean loss
 (TRL loss_type="dapo") and group-std GRPO advantages on both.
 
-thinkrl runs through its public pieces (build_run, TrainEngine, make_inference_engine, rl_step), so
+thinkrl runs through its public pieces (build_run, TrainEngine, make_inference_engine, run_loop), so
 improvements to the engine and trainer show up here unchanged. Timing: each side runs `--warmup`
 untimed steps, then `--steps` timed ones (TRL: between consecutive optimizer-step ends); wall seconds
 (perf_counter) and process CPU seconds (process_time, less sensitive to other processes sharing the
@@ -81,7 +81,8 @@ def make_config(a: argparse.Namespace):
     from thinkrl.config import load_config
 
     ov = [f"rollout.batch_prompts={a.prompts}", f"rollout.n={a.n}", f"rollout.max_new_tokens={a.max_new_tokens}",
-          "algo.kl_coef=0", "algo.ppo_epochs=1", f"run.seed={a.seed}", f"run.threads={a.threads}",
+          "algo.kl_coef=0", "algo.ppo_epochs=1", "algo.loss=ppo", "rollout.max_staleness=0",  # TRL's step: sync PPO-clip
+          f"run.seed={a.seed}", f"run.threads={a.threads}",
           f"run.device={a.device}", f"data.num_train={a.num_train}", "data.num_eval=16", "log.progress=false"]
     if a.lr:
         ov.append(f"algo.lr={a.lr}")

@@ -191,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         correct = count_correct(engine, workflow, samples, a.k, params, cfg.algo.correct_threshold,
                                 a.batch_size, progress)
     finally:
-        if hasattr(engine, "close"):
-            engine.close()
+        engine.close()
     counts = histogram(correct, a.k)
     kept = [dict(row, pass_rate=c / a.k) for row, c in zip(rows, correct) if in_range(c, a.k, lo, hi)]
     out.parent.mkdir(parents=True, exist_ok=True)
