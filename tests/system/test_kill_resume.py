@@ -29,14 +29,9 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []
 
 
-def _has_checkpoint(out: Path) -> bool:
-    root = out / "checkpoints"
-    return root.exists() and any(p.name.startswith("step_") and not p.name.endswith(".tmp") for p in root.iterdir())
-
-
 def _start(out: Path, over: list[str], env: dict | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "thinkrl.cli", "train", *TINY, f"run.output_dir={out}", *over]
-    if _has_checkpoint(out):
+    if (out / "config.yaml").exists():  # a run was started here: continue it, whatever state it is in
         cmd.append("--resume")
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
@@ -66,10 +61,13 @@ def _last_checkpoint_step(out: Path) -> int:
 def run_with_kills(out: Path, over: list[str], kills: list[tuple]) -> None:
     """kills: ("at", seconds after start) | ("after_step", n, extra seconds) | ("in_save", step or None: the
     first checkpoint this segment writes)."""
-    save_every = int(next(o for o in over if o.startswith("train.save_every=")).split("=")[1])
+    value = lambda key: int(next(o for o in over if o.startswith(key)).split("=")[1])  # noqa: E731
+    save_every, steps = value("train.save_every="), value("train.steps=")
     for kind, *arg in kills:
         if kind == "in_save" and arg[0] is None:
             arg = [_last_checkpoint_step(out) + save_every]
+            if arg[0] > steps:  # the run has already finished its last checkpoint
+                continue
         env = {"THINKRL_FAULT": f"kill_in_save:{arg[0]}"} if kind == "in_save" else None
         p = _start(out, over, env)
         if kind == "at":

@@ -96,6 +96,17 @@ class RunDir:
         """(newest checkpoint whose manifest verifies or None, one warning line per bad newer one)."""
         return good_checkpoint(self.ckpt_root)
 
+    def resume_point(self) -> Path | None:
+        """For `--resume` of an RL run: the checkpoint to continue from, or None when the run was started here
+        but stopped before its first checkpoint (it then starts again from step 0, its metrics truncated).
+        Raises as `resume_checkpoint` when there is no run here, or only bad checkpoints."""
+        ckpt, warnings = self.good_checkpoint()
+        if ckpt is None and not warnings and self.config_path.exists() and not self.checkpoints():
+            log.warning(f"--resume: no checkpoint yet in {self.ckpt_root}; starting from step 0")
+            self.truncate_metrics(0)
+            return None
+        return self.resume_checkpoint()
+
     def resume_checkpoint(self) -> Path:
         """The checkpoint `--resume` continues from: warns (one line each) about bad ones, raises if none is good."""
         ckpt, warnings = self.good_checkpoint()

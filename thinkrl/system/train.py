@@ -50,9 +50,9 @@ def _adapters(policy) -> dict:
 def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, time_budget: float | None = None) -> dict:
     """RL from cfg (model from cfg.run.init_from or cfg.model). Returns the final eval metrics."""
     rundir = rundir or RunDir(cfg.run.output_dir)
+    ckpt = rundir.resume_point() if resume else None  # None on resume: stopped before its first checkpoint
     rundir.write_config(cfg, resume)  # on resume: first checks that the config would not change the results
     run = run or build_run(cfg)
-    ckpt = rundir.resume_checkpoint() if resume else None
     state = load_state(ckpt) if ckpt is not None else None
     # LoRA: the trainer optimises adapters on the wrapped policy over the run's base weights; the engine and the
     # checkpoints' HF weights are the merged weights (`engine_model`); resume restores the adapters themselves.
