@@ -41,15 +41,14 @@ def place_rollouts(cfg, engine, model, tokenizer, version: int) -> Placed:
 
     r = cfg.rollout
     if resolved_placement(cfg) == "inline":
-        if not cfg.run.deterministic:
-            return Placed(engine, make_weight_sync(r.weight_sync, [engine], r.weights_dir or None), False)
-        # deterministic: evaluation must not share the rollouts' engine (it would change the engine's batches)
-        import copy
+        owned = cfg.run.deterministic  # evaluation must not share the rollouts' engine: it would change its batches
+        if owned:
+            import copy
 
-        from thinkrl.system.setup import make_inference_engine
+            from thinkrl.system.setup import make_inference_engine
 
-        own = make_inference_engine(cfg, copy.deepcopy(model), tokenizer, version=version)
-        return Placed(own, make_weight_sync(r.weight_sync, [own], r.weights_dir or None), True)
+            engine = make_inference_engine(cfg, copy.deepcopy(model), tokenizer, version=version)
+        return Placed(engine, make_weight_sync(r.weight_sync, [engine], r.weights_dir or None), owned)
     from thinkrl.rollout.process import ProcessEngine
 
     eng = ProcessEngine.from_config(cfg, model, tokenizer, version)

@@ -162,7 +162,7 @@ class Producer:
         if self._in_flight or buf.restart:
             return []
         k = self._next_batch()
-        if k >= buf.eta + buf.step + 1 + buf.extra:
+        if k >= buf.batches_allowed():
             return []
         need = max(0, k - buf.eta - buf.extra)  # in steps done
         if need != self.loaded:
@@ -182,17 +182,17 @@ class Producer:
         gate = Lockstep(self.engine, len(groups))
         with self._cv:
             self._in_flight = len(groups)
-        return [asyncio.ensure_future(self._episode(g, gate)) for g in groups]
+        return [asyncio.ensure_future(self._episode(g, gate, gate.episode_done)) for g in groups]
 
-    async def _episode(self, g: Group, engine) -> None:
+    async def _episode(self, g: Group, engine, on_done: Callable[[], None] | None = None) -> None:
         try:
             sample = self.sample_of(g.index)
             view = SeededEngine(engine, group_seed(self.seed, g.index))
             try:
                 trajs = await self.workflow.run_episode(view, sample, f"{g.index // self.B}:{sample.id}")
             finally:
-                if isinstance(engine, Lockstep):
-                    engine.episode_done()
+                if on_done is not None:  # a lockstep round no longer waits for this episode
+                    on_done()
             self.buffer.finish(g, list(trajs or []))
         except asyncio.CancelledError:
             raise

@@ -59,10 +59,14 @@ class StalenessBuffer:
         return self.adaptive and self._streak >= self.READY_STREAK
 
     # ---------------------------------------------------------------- producer side
+    def batches_allowed(self) -> int:
+        """Batches that may have started by now: η + v + 1, plus those request_more added."""
+        return self.eta + self.step + 1 + self.extra
+
     def may_start(self) -> bool:
         if self.restart:
             return True  # restarted groups were admitted before the checkpoint
-        if self.next_index >= (self.eta + self.step + 1 + self.extra) * self.B:
+        if self.next_index >= self.batches_allowed() * self.B:
             return False
         return not self.lazy or len(self.groups) < self.B
 

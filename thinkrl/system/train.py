@@ -36,9 +36,10 @@ def eval_max_tokens(cfg) -> int:
     return cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens
 
 
-def run_eval(cfg, engine, run, k: int | None = None) -> dict:
-    """Held-out accuracy through the task's workflow (the one training runs), at algo.correct_threshold."""
-    return evaluate(engine, make_workflow(cfg, run), run.eval_samples, eval_max_tokens(cfg),
+def run_eval(cfg, engine, run, k: int | None = None, workflow=None) -> dict:
+    """Held-out accuracy through the task's workflow (the one training runs: pass it to reuse its prompt cache),
+    at algo.correct_threshold."""
+    return evaluate(engine, workflow or make_workflow(cfg, run), run.eval_samples, eval_max_tokens(cfg),
                     correct_threshold=cfg.algo.correct_threshold, k=cfg.eval.k if k is None else k,
                     temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size)
 
@@ -105,7 +106,7 @@ def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, 
     def on_step(step: int, m: dict) -> None:
         m = {"step": step, "time": time.perf_counter() - t0, **m}
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
-            m.update({f"eval/{k}": v for k, v in run_eval(cfg, eval_engine(), run, k=0).items()})
+            m.update({f"eval/{k}": v for k, v in run_eval(cfg, eval_engine(), run, k=0, workflow=workflow).items()})
         rundir.log(m)
         bar.set_postfix(reward=f"{m['reward/mean']:.3f}", acc=f"{m['acc/mean']:.3f}", refresh=False)
         bar.update(1)
@@ -124,7 +125,7 @@ def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, 
             finally:
                 placed.close()
         bar.close()
-        final = run_eval(cfg, eval_engine(), run)
+        final = run_eval(cfg, eval_engine(), run, workflow=workflow)
     finally:
         engine.close()
     final["steps"] = last
