@@ -112,5 +112,5 @@ def test_code_runs_in_its_own_network_namespace():
     probe = "import os\nns = os.readlink('/proc/self/ns/net')"
     res = run_tests(probe, [f"assert ns != {mine!r}", "assert ns.startswith('net:')"], timeout=2)
     assert res.details == ["pass", "pass"]
-    same = run_tests(probe, [f"assert ns == {mine!r}"], timeout=2, network_namespace=False)
+    same = run_tests(probe, [f"assert ns == {mine!r}"], timeout=2, namespaces=False)
     assert same.details == ["pass"]

@@ -1,32 +1,39 @@
-"""Run untrusted Python (a model's answer) against unit tests in a limited subprocess.
+"""Run untrusted Python (a model's answer) against unit tests in a confined subprocess.
 
     res = run_tests(code, ["assert add(1, 2) == 3"], timeout=5)        # assert-style tests
     res = run_io_tests(code, [("1 2\\n", "3\\n")], timeout=5)           # stdin -> stdout tests
-    res.passed, res.total, res.fraction, res.status
+    res.passed, res.total, res.fraction, res.status, res.isolation
 
-What is enforced, and how strongly (be honest about it):
+The process tree: this process → ``timeout`` (a wall-clock backstop that holds even if this process
+dies) → the wrapper (``unshare`` when namespaces are used) → the runner (trusted code that confines
+itself, then runs the answer). How strongly it is confined depends on `isolation_mode()`:
 
-* **Kernel-enforced**: a fresh process in its own session/process group, killed as a group
-  (SIGKILL) at the wall-clock deadline; ``RLIMIT_AS`` (memory), ``RLIMIT_CPU``, ``RLIMIT_FSIZE``
-  (file size), ``RLIMIT_NOFILE``, no core dumps; cwd is a fresh temporary directory that is deleted
-  afterwards; a minimal environment; ``python -I`` (no user site, no PYTHON* variables). When
-  ``unshare -rn`` works on the host (Linux user namespaces), the process also runs in an empty
-  network namespace (no network at all) and cannot raise its rlimits again.
-* **Best effort (Python level)**: an audit hook (PEP 578), installed before the code runs, refuses
-  opening files outside the temp dir and the Python installation (so ``open('/etc/passwd')``
-  fails), writing/removing/renaming outside the temp dir, sockets, subprocesses, fork/exec,
-  signals to other processes, ``resource.setrlimit`` and most of ``ctypes``. Audit hooks are not a
-  security boundary: native extensions and clever introspection can get around them. Not covered:
-  reading the Python installation (stdlib, site-packages: allowed on purpose), metadata calls that
-  raise no audit event (``os.stat``, ``os.readlink``: a program can probe which paths exist), the
-  total disk space written inside the temp dir (only each file is capped), and, without
-  ``unshare``, the fact that the code runs as the trainer's user. Untrusted code at scale belongs in a
-  container or VM (nsjail, gVisor, Firecracker); this module keeps honest mistakes and casual
-  reward hacks (infinite loops, huge allocations, ``os._exit(0)``, printing fake results) from
-  hurting training.
-* Results travel with a random per-run token written only by the runner, so a program that exits
-  early or prints "passed" does not pass. Objects with a rigged ``__eq__`` can still fool
-  ``assert f(x) == y`` tests; stdin/stdout tests compare text and are not fooled that way.
+* ``"namespaces"`` (running as root, ``unshare`` works): new mount, PID, network, IPC and UTS
+  namespaces. In its mount namespace the runner remounts every mount read-only and ``nosuid``, mounts
+  a size-limited tmpfs as its working directory, hides this process's working directory (the
+  project), binds the standard library read-only inside its working directory, then drops to a fresh
+  unprivileged uid (one per call), with ``no_new_privs``. So: no file outside the working directory
+  can be written (kernel: read-only mounts), no network (an empty network namespace), no process
+  outside can be seen or signalled, ``RLIMIT_NPROC`` bounds forks (it counts that uid), and when the
+  runner exits the kernel kills everything left in its PID namespace (daemons too); a sweep by the
+  uid kills anything that got out anyway.
+* ``"userns"`` (not root, unprivileged user namespaces work): PID, network and IPC namespaces
+  (``unshare -r``); the code runs as your own user, so writes outside the working directory are
+  refused only by the audit hook below, and ``RLIMIT_NPROC`` counts all your processes.
+* ``"process"``: a session/process group killed as a whole, the limits below, the audit hook.
+
+In every mode: ``RLIMIT_AS`` (memory), ``RLIMIT_CPU``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``, no core
+dumps, a wall-clock deadline after which the whole group is SIGKILLed, a minimal environment,
+``python -I -S``, stdout and stderr capped. An audit hook (PEP 578), installed before the answer runs,
+refuses opening files outside the working directory and the standard library, writing, sockets,
+subprocesses, fork/exec, signals, ``resource.setrlimit`` and ``ctypes``: it stops honest mistakes,
+but it is not a security boundary (the answer runs in the same interpreter and can switch it off;
+`tests/tasks/test_sandbox_hostile.py` does, then attacks through libc). What the kernel cannot stop
+here, and the stronger options, are in docs/real_models.md ("The code sandbox").
+
+Results travel with a random per-run token, so a program that exits early or prints "passed" does not
+pass. The tests run in the answer's own interpreter, so an answer that reads the token from memory or
+rigs ``__eq__`` can fake a pass: the score is a training signal, not a proof.
 """
 from __future__ import annotations
 
@@ -39,11 +46,17 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 
 MAX_RESULT_BYTES = 1 << 20
+MAX_PROCESSES = 16  # RLIMIT_NPROC of the sandbox uid ("namespaces" mode): threads and forks together
+WORK_DIR_MB = 64  # size of the tmpfs working directory ("namespaces" mode)
+UID_BASE, UID_SPAN = 1 << 30, 1 << 24  # each call runs as a fresh uid in [UID_BASE, UID_BASE + UID_SPAN)
+_NS_FLAGS = ["--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc"]
 
 
 @dataclass
@@ -54,6 +67,8 @@ class SandboxResult:
     details: list[str] = field(default_factory=list)  # per test: "pass" or why it failed
     stderr: str = ""
     seconds: float = 0.0
+    isolation: str = "process"  # the isolation_mode() it ran under
+    uid: int | None = None  # the unprivileged uid it ran as ("namespaces" mode)
 
     @property
     def fraction(self) -> float:
@@ -61,68 +76,131 @@ class SandboxResult:
 
 
 @functools.lru_cache(maxsize=1)
-def unshare_available() -> bool:
-    """True if ``unshare -rn`` (user + network namespace) works here."""
+def isolation_mode() -> str:
+    """How untrusted code is confined here: ``namespaces`` (root, ``unshare`` works), ``userns``, ``process``."""
     exe = shutil.which("unshare")
     if exe is None:
-        return False
+        return "process"
+    cmd = [exe, *_NS_FLAGS, "true"] if os.geteuid() == 0 else [exe, "-r", *_NS_FLAGS[1:], "true"]
     try:
-        return subprocess.run([exe, "-rn", "true"], capture_output=True, timeout=5).returncode == 0
+        ok = subprocess.run(cmd, capture_output=True, timeout=10).returncode == 0
     except (OSError, subprocess.SubprocessError):
-        return False
+        ok = False
+    mode = ("namespaces" if os.geteuid() == 0 else "userns") if ok else "process"
+    if mode == "process" and os.geteuid() == 0:
+        warnings.warn("thinkrl.tasks.sandbox: running as root without working namespaces (unshare): untrusted code "
+                      "is confined only by rlimits and an audit hook; see docs/real_models.md", RuntimeWarning, stacklevel=2)
+    return mode
+
+
+def unshare_available() -> bool:
+    """True if code runs in its own namespaces here (network included)."""
+    return isolation_mode() != "process"
 
 
 def run_tests(code: str, tests: list[str] | str, timeout: float = 5.0, memory_mb: int = 1024, setup: str = "",
-              total_timeout: float | None = None, network_namespace: bool | None = None) -> SandboxResult:
+              total_timeout: float | None = None, namespaces: bool | None = None) -> SandboxResult:
     """Run `code`, then each assert-style test (a statement string) in the same namespace.
 
     `timeout` is per test (running `code` itself gets one more); a test passes if it raises nothing.
     `total_timeout` (default: ``timeout * (tests + 1) + 2``) is the wall-clock limit of the whole process.
+    `namespaces`: None uses them when `isolation_mode()` has them; False forces "process" mode.
     """
     tests = [tests] if isinstance(tests, str) else list(tests)
     job = {"mode": "assert", "code": code, "setup": setup, "tests": tests}
-    return _run(job, len(tests), timeout, memory_mb, total_timeout, network_namespace)
+    return _run(job, len(tests), timeout, memory_mb, total_timeout, namespaces)
 
 
 def run_io_tests(code: str, cases: list[tuple[str, str]], timeout: float = 5.0, memory_mb: int = 1024,
-                 total_timeout: float | None = None, network_namespace: bool | None = None) -> SandboxResult:
+                 total_timeout: float | None = None, namespaces: bool | None = None) -> SandboxResult:
     """Run `code` once per case with the case's stdin; pass if stdout matches (trailing spaces ignored)."""
     cases = [(str(i), str(o)) for i, o in cases]
-    return _run({"mode": "io", "code": code, "tests": cases}, len(cases), timeout, memory_mb, total_timeout, network_namespace)
+    return _run({"mode": "io", "code": code, "tests": cases}, len(cases), timeout, memory_mb, total_timeout, namespaces)
 
 
-def _allowed_read_roots() -> list[str]:
-    import sysconfig
+def live_processes(uid: int) -> list[int]:
+    """Pids of the live (not zombie) processes whose real or effective uid is `uid`."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status") as f:
+                status = f.read()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        uids = fields.get("Uid", "").split()
+        if len(uids) >= 2 and str(uid) in uids[:2] and not fields.get("State", "").strip().startswith(("Z", "X")):
+            found.append(int(name))
+    return found
 
+
+def _sweep(uid: int) -> None:
+    """SIGKILL every process of the sandbox uid until none is left (a daemon that left the process group)."""
+    for _ in range(100):
+        pids = live_processes(uid)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.01)
+    raise RuntimeError(f"sandbox: processes of uid {uid} survive SIGKILL: {live_processes(uid)}")
+
+
+def _read_roots() -> list[str]:
     roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
     roots.update(p for k in ("stdlib", "platstdlib", "purelib", "platlib") if (p := sysconfig.get_paths().get(k)))
     return sorted(os.path.realpath(r) for r in roots if r)
 
 
+def _hidden_dirs(work: str, stdlib: str) -> list[str]:
+    """Directories to cover with an empty tmpfs in the mount namespace: our working directory (the project)."""
+    cwd = os.path.realpath(os.getcwd())
+    keep = (work, stdlib, os.path.realpath(sys.executable))
+    inside = lambda p, d: p == d or p.startswith(d.rstrip("/") + "/")
+    return [cwd] if cwd != "/" and not any(inside(k, cwd) for k in keep) else []
+
+
 def _run(job: dict, total: int, timeout: float, memory_mb: int, total_timeout: float | None,
-         network_namespace: bool | None) -> SandboxResult:
+         namespaces: bool | None) -> SandboxResult:
     if total == 0:
         return SandboxResult(0, 0, "error", stderr="no tests")
     t0 = time.perf_counter()
     token = secrets.token_hex(16)
     wall = total_timeout if total_timeout else timeout * (total + 1) + 2.0  # code + each test + interpreter start
+    mode = isolation_mode() if namespaces is None or namespaces else "process"
+    uid = UID_BASE + secrets.randbelow(UID_SPAN) if mode == "namespaces" else None
     with tempfile.TemporaryDirectory(prefix="thinkrl-sbx-") as tmp:
-        job.update(token=token, timeout=timeout, memory=memory_mb << 20, cpu=int(wall) + 1,
-                   read_roots=_allowed_read_roots(), work=os.path.realpath(tmp))
+        work = os.path.realpath(tmp)
+        stdlib = os.path.realpath(sysconfig.get_paths()["stdlib"])
+        job.update(token=token, timeout=timeout, memory=memory_mb << 20, cpu=int(wall) + 1, read_roots=_read_roots(),
+                   work=work, uid=uid, stdlib=stdlib, hide=_hidden_dirs(work, stdlib) if uid is not None else [],
+                   nproc=MAX_PROCESSES, work_mb=WORK_DIR_MB)
         with open(os.path.join(tmp, ".job.json"), "w") as f:
             json.dump(job, f)
-        cmd = [sys.executable, "-I", "-c", RUNNER]
-        use_ns = unshare_available() if network_namespace is None else network_namespace
-        if use_ns:
-            cmd = [shutil.which("unshare") or "unshare", "-rn", *cmd]
-        env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
+        cmd = [sys.executable, "-I", "-S", "-c", RUNNER]
+        if mode == "namespaces":
+            cmd = [shutil.which("unshare") or "unshare", *_NS_FLAGS, "--", *cmd]
+        elif mode == "userns":
+            cmd = [shutil.which("unshare") or "unshare", "-r", *_NS_FLAGS[1:], "--", *cmd]
+        if shutil.which("timeout"):  # kills the tree at the deadline even if this process is gone by then
+            cmd = [shutil.which("timeout"), "-s", "KILL", f"{wall + 2.0:.1f}", *cmd]
+        env = {"PATH": "/usr/bin:/bin", "HOME": work, "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
                "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         try:
             proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, start_new_session=True)
         except OSError as e:
-            return SandboxResult(0, total, "error", stderr=f"could not start python: {e}")
-        out, err, timed_out = _collect(proc, wall)
+            return SandboxResult(0, total, "error", stderr=f"could not start python: {e}", isolation=mode)
+        try:
+            out, err, timed_out = _collect(proc, wall)
+        finally:
+            if uid is not None:
+                _sweep(uid)
     verdicts: dict[int, str] = {}
     for line in out.decode("utf-8", "replace").splitlines():
         parts = line.split(" ", 2)
@@ -131,7 +209,8 @@ def _run(job: dict, total: int, timeout: float, memory_mb: int, total_timeout: f
     details = [verdicts.get(i, "timeout" if timed_out else "not run") for i in range(total)]
     passed = sum(d == "pass" for d in details)
     status = "timeout" if timed_out else ("ok" if proc.returncode == 0 else "crashed")
-    return SandboxResult(passed, total, status, details, err.decode("utf-8", "replace")[-2000:], time.perf_counter() - t0)
+    return SandboxResult(passed, total, status, details, err.decode("utf-8", "replace")[-2000:],
+                         time.perf_counter() - t0, mode, uid)
 
 
 def _collect(proc: subprocess.Popen, wall: float) -> tuple[bytes, bytes, bool]:
@@ -173,16 +252,88 @@ def _collect(proc: subprocess.Popen, wall: float) -> tuple[bytes, bytes, bool]:
     return bytes(bufs[proc.stdout]), bytes(bufs[proc.stderr]), timed_out
 
 
-# The trusted runner, executed as `python -I -c RUNNER` in the temp dir. It reads and deletes the job
-# file, sets limits, installs the audit hook, then runs the untrusted code.
-RUNNER = r'''
+# The trusted runner, executed as `python -I -S -c RUNNER` in the temp dir. It reads and deletes the job
+# file, confines itself (namespaces mode: read-only mounts, tmpfs work dir, unprivileged uid), sets limits,
+# installs the audit hook, then runs the untrusted code.
+RUNNER = r"""
 import io, json, os, resource, signal, sys
 
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
+MS_NOATIME, MS_NODIRATIME, MS_RELATIME, MS_STRICTATIME = 1024, 2048, 1 << 21, 1 << 24
+PER_MOUNT = {"nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME, "nodiratime": MS_NODIRATIME,
+             "relatime": MS_RELATIME, "strictatime": MS_STRICTATIME}
+
+def confine(job):
+    # Root in fresh mount/PID/net namespaces: make the whole tree read-only, give the code a tmpfs work
+    # dir, hide the caller's directory, then become an unprivileged uid that cannot undo any of it.
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def mount(src, dst, fstype, flags, data=None):
+        enc = lambda x: None if x is None else os.fsencode(x)
+        if libc.mount(enc(src), enc(dst), enc(fstype), ctypes.c_ulong(flags), enc(data)) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"sandbox: mount {dst}: {os.strerror(e)}")
+
+    unesc = lambda s: s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    mounts = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            mounts.append((unesc(parts[4]), parts[5].split(",")))
+    for point, opts in mounts:
+        flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID
+        for o in opts:
+            flags |= PER_MOUNT.get(o, 0)
+        try:
+            mount(None, point, None, flags)
+        except OSError:
+            if point == "/":
+                raise
+    uid, work = job["uid"], job["work"]
+    for d in job["hide"]:
+        mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, "size=4k,mode=000")
+    mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV, f"size={job['work_mb']}m,mode=0700,uid={uid},gid={uid}")
+    stdlib = os.path.join(work, ".stdlib")
+    os.mkdir(stdlib, 0o555)
+    mount(job["stdlib"], stdlib, None, MS_BIND)
+    mount(None, stdlib, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    moved = lambda p: p.replace(job["stdlib"], stdlib, 1) if isinstance(p, str) and p.startswith(job["stdlib"]) else p
+    sys.path[:] = [moved(p) for p in sys.path]
+    for m in list(sys.modules.values()):  # packages imported at startup (collections, encodings) find submodules
+        if isinstance(getattr(m, "__path__", None), list):
+            m.__path__[:] = [moved(p) for p in m.__path__]
+    sys.path_importer_cache.clear()
+    os.chdir(work)  # the tmpfs, not the directory under it
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS: setuid binaries give nothing back
+        raise OSError(ctypes.get_errno(), "sandbox: prctl(PR_SET_NO_NEW_PRIVS)")
+    limit(resource.RLIMIT_NPROC, job["nproc"])
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)  # all capabilities go with uid 0
+    if os.getuid() != uid or os.geteuid() != uid:
+        raise OSError("sandbox: could not drop to the sandbox uid")
+
+def limit(res, val):
+    soft, hard = resource.getrlimit(res)
+    val = val if hard == resource.RLIM_INFINITY else min(val, hard)
+    resource.setrlimit(res, (val, val))
+
 def main():
+    import builtins
+    builtins.exit = builtins.quit = sys.exit  # what the site module (python -S: not imported) would give
     with open(".job.json") as f:
         job = json.load(f)
     os.unlink(".job.json")
     token, mode, timeout = job["token"], job["mode"], float(job["timeout"])
+    for res, val in ((resource.RLIMIT_AS, job["memory"]), (resource.RLIMIT_CPU, job["cpu"]),
+                     (resource.RLIMIT_FSIZE, 16 << 20), (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)):
+        try:
+            limit(res, val)
+        except (ValueError, OSError):
+            pass
+    if job["uid"] is not None:
+        confine(job)
     report_fd = os.dup(1)
     out_fd = os.open("stdout.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.dup2(out_fd, 1)
@@ -191,15 +342,6 @@ def main():
 
     def report(i, verdict):
         os.write(report_fd, f"{token} {i} {verdict}\n".encode())
-
-    for res, val in ((resource.RLIMIT_AS, job["memory"]), (resource.RLIMIT_CPU, job["cpu"]),
-                     (resource.RLIMIT_FSIZE, 16 << 20), (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)):
-        try:
-            soft, hard = resource.getrlimit(res)
-            val = val if hard == resource.RLIM_INFINITY else min(val, hard)
-            resource.setrlimit(res, (val, val))
-        except (ValueError, OSError):
-            pass
 
     work = job["work"]
     read_roots = tuple(job["read_roots"]) + (work,)
@@ -289,4 +431,4 @@ def main():
     os._exit(0)
 
 main()
-'''
+"""
