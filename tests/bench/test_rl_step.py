@@ -53,3 +53,20 @@ def test_missing_trl_has_install_hint(monkeypatch, capsys):
     with pytest.raises(ValueError, match=r"pip install 'thinkrl\[bench\]'"):
         bench_rl_step(["--steps", "1"])
     assert TRL_HINT in capsys.readouterr().out
+
+
+def test_skip_trl_runs_thinkrl_alone_and_says_so(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "trl", None)  # TRL absent (as on a GPU image without the bench extra)
+    res = bench_rl_step(TINY + ["--skip-trl", "--hidden", "32", "--layers", "1"])
+    assert res["thinkrl_s_per_step"] > 0 and len(res["thinkrl_step_seconds"]) == 2
+    assert "ratio" not in res and not any(k.startswith("trl_") for k in res) and "skipped" in res["trl"]
+    assert res["settings"]["model"]["hidden_size"] == 32 and res["settings"]["model"]["num_layers"] == 1
+    assert res["settings"]["device"] == "cpu" and res["settings"]["device_name"]
+    assert "trl" not in res["versions"]
+    assert "trl: skipped" in capsys.readouterr().out
+
+
+def test_a_missing_device_fails_before_any_work(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        bench_rl_step(["--device", "cuda", "--skip-trl"])

@@ -13,7 +13,10 @@ stop_at_eos=False; HF: min_new_tokens = max_new_tokens), so every sequence has e
 Reported: tokens/s of each and their ratio, peak memory during each run (RSS growth sampled every 5 ms on CPU;
 torch.cuda.max_memory_allocated on CUDA), the engine's log-prob agreement with a teacher-forced HF forward on
 its own samples, and the engine's achieved FLOP/s (useful matmul + attention FLOPs, padding excluded) as a
-fraction of a large fp32 matmul timed in the same run.
+fraction of a large matmul in the engine's dtype timed in the same run. `--device cuda` runs everything on the
+GPU (it fails at once without one), times after torch.cuda.synchronize, and names the GPU in the JSON;
+`--threads` applies to the CPU only. With `--dtype bfloat16` both sides generate in bf16; the log-prob agreement
+is always against the fp32 model.
 """
 from __future__ import annotations
 
@@ -67,22 +70,21 @@ class _PeakMemory:
             self.peak = max(self.peak_abs, _rss()) - self.base
 
 
-def matmul_peak_flops(device: torch.device, n: int = 2048, reps: int = 5) -> float:
-    """Best FLOP/s of an n^3 fp32 matmul, with torch.matmul or with oneDNN's linear (CPU; 2-3x faster than
-    MKL's sgemm on AMD CPUs), whichever is faster."""
+def matmul_peak_flops(device: torch.device, n: int = 2048, reps: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """Best FLOP/s of an n^3 matmul in `dtype`, with torch.matmul or with oneDNN's linear (CPU fp32; 2-3x faster
+    than MKL's sgemm on AMD CPUs), whichever is faster."""
+    from thinkrl.device import synchronize
     from thinkrl.rollout.forward import _mkldnn_linear
 
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
-    onednn = _mkldnn_linear() if device.type == "cpu" else None
+    onednn = _mkldnn_linear() if device.type == "cpu" and dtype == torch.float32 else None
     for f in [torch.matmul] + ([onednn] if onednn else []):
         for _ in range(reps + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             t = time.perf_counter()
             f(a, b)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best
 
@@ -152,8 +154,8 @@ def bench_generate(argv: list[str]) -> dict:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (--device cpu only)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda[:N] (fails at once when that device is absent)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="engine dtype")
     ap.add_argument("--max-seqs", type=int, default=0, help="engine slots (default: prompts x n)")
     ap.add_argument("--check-prompts", type=int, default=8, help="prompts whose samples are checked against HF")
@@ -165,12 +167,15 @@ def bench_generate(argv: list[str]) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
+    from thinkrl.device import check_dtype, device_name, resolve_device, synchronize
     from thinkrl.models.micro import build_micro_model, build_tokenizer
     from thinkrl.rollout.engine import EmbeddedEngine
     from thinkrl.types import SamplingParams
 
-    torch.set_num_threads(args.threads)
-    dev = torch.device(args.device)
+    dev = resolve_device(args.device)
+    check_dtype(dev, args.dtype, "--dtype")
+    if dev.type == "cpu":
+        torch.set_num_threads(args.threads)
     lo, hi = (int(x) for x in args.prompt_len.split(":"))
     tok = build_tokenizer()
     model = build_micro_model(tok, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
@@ -189,13 +194,14 @@ def bench_generate(argv: list[str]) -> dict:
     total = args.prompts * args.n * args.new_tokens
     print(f"model {n_params / 1e6:.2f}M params (hidden {args.hidden}, {args.layers} layers, {args.heads} heads, "
           f"{args.kv_heads} kv heads, intermediate {args.intermediate}); {args.prompts} prompts x {args.n} samples "
-          f"x {args.new_tokens} tokens; {args.threads} threads on {dev}")
+          f"x {args.new_tokens} tokens; {torch.get_num_threads()} CPU threads; on {dev} ({device_name(dev)})")
     load = os.getloadavg()[0]
     if dev.type == "cpu" and load > 0.5:
         print(f"warning: load average {load:.1f} before the run: other processes share the cores, timings are "
               f"noisy (with more threads than free cores, small ops can slow down many times)")
-    peak = matmul_peak_flops(dev)
-    print(f"matmul peak (2048^3 fp32): {peak / 1e9:.1f} GFLOP/s")
+    mm = 8192 if dev.type == "cuda" else 2048  # a GPU needs a bigger matmul to reach its peak
+    peak = matmul_peak_flops(dev, mm, dtype=getattr(torch, args.dtype))
+    print(f"matmul peak ({mm}^3 {args.dtype}): {peak / 1e9:.1f} GFLOP/s")
 
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
@@ -206,8 +212,7 @@ def bench_generate(argv: list[str]) -> dict:
         with _PeakMemory(dev) as mem_e:
             t = time.perf_counter()
             groups = engine.generate_batch(prompts, params, n=args.n)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(dev)
             t_engine = time.perf_counter() - t
     engine.close()
     assert all(len(x.tokens) == args.new_tokens for gs in groups for x in gs)
@@ -216,7 +221,8 @@ def bench_generate(argv: list[str]) -> dict:
            "engine_peak_mem_mb": mem_e.peak / 2 ** 20, "engine_flops_per_s": flops / t_engine,
            "matmul_peak_flops_per_s": peak, "flops_fraction": flops / t_engine / peak,
            "prompts": args.prompts, "n": args.n, "new_tokens": args.new_tokens, "params": n_params,
-           "threads": args.threads, "device": str(dev), "dtype": args.dtype, "loadavg_before": load,
+           "threads": torch.get_num_threads(), "device": str(dev), "device_name": device_name(dev),
+           "dtype": args.dtype, "loadavg_before": load, "hidden": args.hidden, "layers": args.layers,
            "warmup": args.warmup}
     print(f"engine: {res['engine_tokens_per_s']:.0f} tok/s ({t_engine:.2f} s), "
           f"peak mem +{res['engine_peak_mem_mb']:.0f} MB, "
@@ -227,12 +233,14 @@ def bench_generate(argv: list[str]) -> dict:
     print(f"engine log-probs vs HF forward ({k} prompts x {args.n}): max |dlogp| = {res['max_abs_logprob_diff']:.2e}")
     if args.skip_hf:
         return res
+    model = model.to(getattr(torch, args.dtype))  # HF generate in the engine's dtype (as a user would run it)
     with torch.inference_mode():
         _hf_generate(model, warm, tok.pad_token_id, warm_n, warm_new, args.temperature, args.top_p, args.top_k)
         with _PeakMemory(dev) as mem_h:
             t = time.perf_counter()
             seqs, _ = _hf_generate(model, prompts, tok.pad_token_id, args.n, args.new_tokens, args.temperature,
                                    args.top_p, args.top_k)
+            synchronize(dev)
             t_hf = time.perf_counter() - t
     assert all(len(s) == args.new_tokens for s in seqs)
     res.update(hf_tokens_per_s=total / t_hf, hf_s=t_hf, hf_peak_mem_mb=mem_h.peak / 2 ** 20,

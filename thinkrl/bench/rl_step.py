@@ -14,6 +14,9 @@ untimed steps, then `--steps` timed ones (TRL: between consecutive optimizer-ste
 (perf_counter) and process CPU seconds (process_time, less sensitive to other processes sharing the
 cores) per step. `ratio` = TRL / thinkrl.
 The SFT warm-up takes minutes on a CPU: keep it with `--save-model DIR`, reuse it with `--model DIR`.
+`--device cuda` runs both sides on the GPU (it fails at once without one; steps are timed after synchronising
+it) and names the GPU in the JSON; `--hidden`/`--layers`/... size the micro model (e.g. a compute-bound 1024 x
+8 on a GPU). `--skip-trl` runs thinkrl alone (where TRL is not installed); the JSON then says so and has no ratio.
 """
 from __future__ import annotations
 
@@ -49,7 +52,11 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.0, help="RL learning rate (0: the quickstart config's algo.lr)")
     p.add_argument("--num-train", type=int, default=20000, help="generated training problems")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu | cuda (both sides)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda[:N] (both sides; fails at once when absent)")
+    p.add_argument("--skip-trl", action="store_true", help="thinkrl alone (no TRL side, no ratio)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (model.autocast_bf16=true)")
+    for name in ("hidden", "layers", "heads", "kv-heads", "intermediate"):
+        p.add_argument(f"--{name}", type=int, default=0, help=f"micro model {name} (0: the quickstart config's)")
     args, rest = p.parse_known_args(argv)
     unknown = [x for x in rest if x != "--json"]
     if unknown:
@@ -82,10 +89,16 @@ def make_config(a: argparse.Namespace):
 
     ov = [f"rollout.batch_prompts={a.prompts}", f"rollout.n={a.n}", f"rollout.max_new_tokens={a.max_new_tokens}",
           "algo.kl_coef=0", "algo.ppo_epochs=1", "algo.loss=ppo", "rollout.max_staleness=0",  # TRL's step: sync PPO-clip
-          f"run.seed={a.seed}", f"run.threads={a.threads}",
+          f"run.seed={a.seed}", f"run.threads={a.threads if a.device == 'cpu' else 0}",  # CPU threads: CPU only
           f"run.device={a.device}", f"data.num_train={a.num_train}", "data.num_eval=16", "log.progress=false"]
     if a.lr:
         ov.append(f"algo.lr={a.lr}")
+    if a.bf16:
+        ov.append("model.autocast_bf16=true")
+    for arg, key in (("hidden", "hidden_size"), ("layers", "num_layers"), ("heads", "num_heads"),
+                     ("kv_heads", "num_kv_heads"), ("intermediate", "intermediate_size")):
+        if getattr(a, arg):
+            ov.append(f"model.{key}={getattr(a, arg)}")
     return load_config(QUICKSTART, ov)
 
 
@@ -133,6 +146,7 @@ def _summary(walls: list[float], cpus: list[float], rewards: list[float], lens: 
 
 
 def run_thinkrl(cfg, model_dir: str, total: int, warmup: int, expect_ids: list[str]) -> dict:
+    from thinkrl.device import synchronize
     from thinkrl.rollout.weights import make_weight_sync
     from thinkrl.system.loop import run_loop
     from thinkrl.system.setup import build_run, make_inference_engine, make_workflow
@@ -148,6 +162,7 @@ def run_thinkrl(cfg, model_dir: str, total: int, warmup: int, expect_ids: list[s
     mark = [time.perf_counter(), time.process_time()]
 
     def on_step(step: int, m: dict) -> None:  # the loop's own step (η = 0): generate, train, update weights
+        synchronize(run.device)
         walls.append(time.perf_counter() - mark[0])
         cpus.append(time.process_time() - mark[1])
         rewards.append(m["reward/mean"])
@@ -212,6 +227,8 @@ def run_trl(cfg, model_dir: str, task, samples: list, total: int, warmup: int, o
     r, al, tr = cfg.rollout, cfg.algo, cfg.train
     tok = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if cfg.run.device != "cpu":
+        model = model.to(cfg.run.device)
     # TRL stops at tok.eos_token_id (+ generation_config.eos_token_id): make sure both are our <|end|>
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
@@ -232,13 +249,15 @@ def run_trl(cfg, model_dir: str, task, samples: list, total: int, warmup: int, o
             loss_type=TRL_LOSS_TYPE[al.loss_agg], scale_rewards="group" if al.norm_std else "none", learning_rate=al.lr,
             lr_scheduler_type="constant", warmup_steps=0, weight_decay=tr.weight_decay, adam_beta1=tr.betas[0],
             adam_beta2=tr.betas[1], max_grad_norm=tr.grad_clip, max_steps=total, logging_steps=1, report_to="none",
-            save_strategy="no", use_cpu=cfg.run.device == "cpu", bf16=False, seed=cfg.run.seed, shuffle_dataset=False,
+            save_strategy="no", use_cpu=cfg.run.device == "cpu", bf16=cfg.model.autocast_bf16, seed=cfg.run.seed,
+            shuffle_dataset=False,
             disable_tqdm=True, dataloader_num_workers=0,
         )
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
                               callbacks=[timer])
         trainer.remove_callback(PrinterCallback)  # our timer prints one line per step instead
-        torch.set_num_threads(cfg.run.threads)
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
         trainer.train()
     if len(timer.logs) != total or len(timer.walls) != total:
         raise RuntimeError(f"rl-step bench: TRL ran {len(timer.walls)} steps ({len(timer.logs)} logged), "
@@ -251,38 +270,54 @@ def run_trl(cfg, model_dir: str, task, samples: list, total: int, warmup: int, o
     return res
 
 
-def _versions() -> dict:
+def _versions(with_trl: bool = True) -> dict:
     import transformers
-    import trl
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}
+    v = {"torch": torch.__version__, "transformers": transformers.__version__}
+    if with_trl:
+        import trl
+
+        v["trl"] = trl.__version__
+    return v
 
 
 def format_table(res: dict) -> str:
     lines = [f"{'':8} {'s/step':>8} {'cpu s/step':>10} {'reward mean':>11} {'reward last':>11} {'completion len':>14}",
              "-" * 67]
-    for side in ("thinkrl", "trl"):
+    sides = ("thinkrl", "trl") if "ratio" in res else ("thinkrl",)
+    for side in sides:
         lines.append(f"{side:8} {res[f'{side}_s_per_step']:>8.2f} {res[f'{side}_cpu_s_per_step']:>10.2f} "
                      f"{res[f'{side}_reward_mean']:>11.3f} {res[f'{side}_reward_last']:>11.3f} "
                      f"{res[f'{side}_completion_len']:>14.1f}")
-    lines.append(f"ratio TRL / thinkrl: {res['ratio']:.2f}x wall, {res['cpu_ratio']:.2f}x CPU time")
+    if "ratio" in res:
+        lines.append(f"ratio TRL / thinkrl: {res['ratio']:.2f}x wall, {res['cpu_ratio']:.2f}x CPU time")
+    else:
+        lines.append(f"trl: {res['trl']}")
     return "\n".join(lines)
 
 
 @register_bench("rl-step", help="seconds per RL step and reward: thinkrl vs TRL's GRPOTrainer (needs thinkrl[bench])")
 def bench_rl_step(argv: list[str]) -> dict:
+    from thinkrl.device import device_name, resolve_device
+
     a = _args(argv)
-    _require_trl()
-    torch.set_num_threads(a.threads)
+    device = resolve_device(a.device)  # cuda without a GPU fails here, before any work
+    if not a.skip_trl:
+        _require_trl()
+    if device.type == "cpu":
+        torch.set_num_threads(a.threads)
     cfg = make_config(a)
     total = a.warmup + a.steps
     settings = {"prompts": a.prompts, "n": a.n, "max_new_tokens": a.max_new_tokens, "beta": 0.0,
                 "updates_per_batch": 1, "lr": cfg.algo.lr, "temperature": cfg.rollout.temperature,
                 "clip": [cfg.algo.clip_low, cfg.algo.clip_high], "loss_agg": cfg.algo.loss_agg, "steps": a.steps,
-                "warmup": a.warmup, "threads": a.threads, "seed": a.seed, "device": a.device}
+                "warmup": a.warmup, "threads": a.threads, "seed": a.seed, "device": a.device,
+                "device_name": device_name(device), "bf16_autocast": a.bf16,
+                "model": {k: getattr(cfg.model, k) for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                                                             "intermediate_size")}}
     print(f"rl-step bench: {a.prompts} prompts x {a.n} samples, max {a.max_new_tokens} new tokens, beta 0, "
-          f"1 update per batch, lr {cfg.algo.lr:g}, {a.threads} threads, "
-          f"{a.steps} timed steps (+{a.warmup} warm-up)")
+          f"1 update per batch, lr {cfg.algo.lr:g}, {torch.get_num_threads()} CPU threads, "
+          f"{a.steps} timed steps (+{a.warmup} warm-up), on {device} ({device_name(device)})")
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
@@ -293,12 +328,16 @@ def bench_rl_step(argv: list[str]) -> dict:
             model_dir, init = prepare_model(cfg, a, out)
             task, samples = task_and_samples(cfg, total)
             th = run_thinkrl(cfg, model_dir, total, a.warmup, [s.id for s in samples])
-            tl = run_trl(cfg, model_dir, task, samples, total, a.warmup, out)
+            tl = None if a.skip_trl else run_trl(cfg, model_dir, task, samples, total, a.warmup, out)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    res = {f"thinkrl_{k}": v for k, v in th.items()} | {f"trl_{k}": v for k, v in tl.items()}
-    res.update(ratio=tl["s_per_step"] / th["s_per_step"], cpu_ratio=tl["cpu_s_per_step"] / th["cpu_s_per_step"],
-               settings=settings, init=init, versions=_versions())
+    res = {f"thinkrl_{k}": v for k, v in th.items()}
+    if tl is None:
+        res["trl"] = "skipped (--skip-trl): thinkrl alone, no ratio"
+    else:
+        res |= {f"trl_{k}": v for k, v in tl.items()}
+        res.update(ratio=tl["s_per_step"] / th["s_per_step"], cpu_ratio=tl["cpu_s_per_step"] / th["cpu_s_per_step"])
+    res.update(settings=settings, init=init, versions=_versions(with_trl=tl is not None))
     print(format_table(res))
     return res

@@ -11,7 +11,10 @@ Llama (GQA) over the same sequences, the three configurations interleaved `--rep
   shared  : packed, plus one copy of each prompt per group (share_prompt=True)
 
 Timing: with 1 CPU thread (the default) each micro-batch is timed in CPU seconds of this process (best of
-`--repeats`), so other load on the machine does not distort the ratios; otherwise in wall seconds.
+`--repeats`), so other load on the machine does not distort the ratios; otherwise (and on a GPU) in wall seconds,
+after synchronising the device. `--device cuda` fails at once without a GPU; `--bf16` runs the three
+configurations under bf16 autocast (model.autocast_bf16). The JSON names the device and the attention kernels
+the packed forward ran (aten ops recorded by torch.profiler: SDPA's backend, or flash_attn's varlen).
 Throughput is real (unshared, unpadded) sequence tokens per second. Waste: padded = pad tokens / computed
 tokens; packed = budget left empty = 1 - stream tokens / (micro-batches x max_tokens) (the packed forward
 computes no pad tokens at all; this is what padding every micro-batch to the budget would cost).
@@ -19,6 +22,7 @@ computes no pad tokens at all; this is what padding every micro-batch to the bud
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
 
@@ -26,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from thinkrl.bench import register_bench
+from thinkrl.device import synchronize
 from thinkrl.train.allocate import Cost
 from thinkrl.train.packing import Seq, forward_logprobs, make_micro_batches
 
@@ -39,12 +44,16 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=1024, help="micro-batch token budget")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate", type=int, default=0, help="MLP width (0: 3 x hidden)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (as model.autocast_bf16=true)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (0: torch's default). With 1 thread on CPU the bench times CPU seconds "
-                        "of this process, which stay steady on a busy machine; otherwise wall seconds")
-    p.add_argument("--device", default="cpu")
+                        "of this process, which stay steady on a busy machine; otherwise wall seconds (CPU only)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda[:N] (fails at once when that device is absent)")
     args, rest = p.parse_known_args(argv)
     unknown = [a for a in rest if a != "--json"]
     if unknown:
@@ -90,25 +99,43 @@ def _times(step, items, device: torch.device, cpu_clock: bool) -> list[float]:
     clock = time.process_time if cpu_clock else time.perf_counter
     out = []
     for it in items:
+        synchronize(device)
         t = clock()
         step(it)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         out.append(clock() - t)
     return out
 
 
+def attention_ops(fn) -> list[str]:
+    """The attention kernels one call of `fn` runs, as aten op names recorded by torch.profiler: SDPA's backend
+    (`_scaled_dot_product_{flash,efficient,cudnn}_attention`, `_flash_attention_for_cpu`, the math fallback) or a
+    varlen kernel (flash_attn's, torch's `varlen_attn`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:  # aten ops are recorded on the host for any device
+        fn()
+    names = {e.key for e in prof.key_averages()}
+    keep = ("_scaled_dot_product", "_flash_attention", "_efficient_attention", "_cudnn_attention", "flash_attn",
+            "varlen")
+    return sorted(n for n in names if any(k in n for k in keep))
+
+
 @register_bench("train", help="packed vs padded forward+backward tokens/s, padding waste, shared-prompt packing")
 def bench_train(argv: list[str]) -> dict:
+    from thinkrl.device import check_dtype, device_name, resolve_device
     from thinkrl.models.micro import build_micro_model, build_tokenizer
 
     a = _args(argv)
-    if a.threads:
+    device = resolve_device(a.device)
+    if a.bf16:
+        check_dtype(device, torch.bfloat16, "--bf16")
+    if a.threads and device.type == "cpu":
         torch.set_num_threads(a.threads)
     tok = build_tokenizer()
-    model = build_micro_model(tok, hidden_size=a.hidden, num_layers=a.layers, num_heads=4, num_kv_heads=2,
-                              intermediate_size=3 * a.hidden, max_position=a.median * 9 + 8)
-    device = torch.device(a.device)
+    model = build_micro_model(tok, hidden_size=a.hidden, num_layers=a.layers, num_heads=a.heads,
+                              num_kv_heads=a.kv_heads, intermediate_size=a.intermediate or 3 * a.hidden,
+                              max_position=a.median * 9 + 8)
     model = model.to(device).train()
     seqs = _workload(a, len(tok))
     real = sum(len(s.tokens) for s in seqs)
@@ -120,11 +147,21 @@ def bench_train(argv: list[str]) -> dict:
     padded_computed = sum(len(b) * max(len(s.tokens) for s in b) for b in padded)
 
     n = real
-    runs = {"packed": (lambda mb: _step_packed(model, mb, n), packed),
-            "padded": (lambda b: _step_padded(model, b, n, tok.pad_token_id), padded),
-            "shared": (lambda mb: _step_packed(model, mb, n), shared)}
+    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if a.bf16 else contextlib.nullcontext
+
+    def under_amp(step):
+        def run(item):
+            with amp():
+                step(item)
+        return run
+
+    runs = {"packed": (under_amp(lambda mb: _step_packed(model, mb, n)), packed),
+            "padded": (under_amp(lambda b: _step_padded(model, b, n, tok.pad_token_id)), padded),
+            "shared": (under_amp(lambda mb: _step_packed(model, mb, n)), shared)}
     for step, items in runs.values():  # warm up
         step(items[0])
+    kernels = attention_ops(lambda: runs["shared"][0](shared[0]))
+    model.zero_grad(set_to_none=True)
     # Best time of each micro-batch over interleaved repeats: robust to other load on the machine.
     best = {k: [math.inf] * len(items) for k, (_, items) in runs.items()}
     cpu_clock = device.type == "cpu" and torch.get_num_threads() == 1
@@ -148,10 +185,15 @@ def bench_train(argv: list[str]) -> dict:
         "shared_prefix_ratio": tps["shared"] / tps["packed"],
         "shared_tokens_saved": real - stream["shared"],
         "micro_batches": mbs,
+        "device": str(device), "device_name": device_name(device), "bf16_autocast": a.bf16,
+        "hidden": a.hidden, "layers": a.layers, "params": sum(p.numel() for p in model.parameters()),
+        "packed_attention_ops": kernels,
     }
     print(f"train bench: {len(seqs)} sequences ({a.prompts} prompts x {a.n}), {real} tokens, "
           f"response median {a.median} (lognormal sigma {a.sigma}, cap {8 * a.median}), prompt {a.median}, "
-          f"hidden {a.hidden} x {a.layers} layers, max_tokens_per_mb {a.max_tokens}")
+          f"hidden {a.hidden} x {a.layers} layers, max_tokens_per_mb {a.max_tokens}, on {device} "
+          f"({device_name(device)}){', bf16 autocast' if a.bf16 else ''}")
+    print(f"packed attention kernels: {', '.join(kernels) or 'none recorded'}")
     print(f"{'':8} {'micro-batches':>13} {'computed tok':>12} {'waste':>7} {'tokens/s':>10}")
     waste = {"packed": res["packed_padding_waste"], "padded": res["padded_padding_waste"],
              "shared": 1.0 - stream["shared"] / (len(shared) * a.max_tokens)}

@@ -84,9 +84,10 @@ class EmbeddedEngine(InferenceEngine):
 
     @classmethod
     def from_config(cls, cfg, model, tokenizer, version: int = 0) -> EmbeddedEngine:
-        # run.deterministic: the linear kernel is not picked by timing (a timing can differ between runs)
+        # run.deterministic: the linear kernel is not picked by timing (a timing can differ between runs);
+        # the engine computes in the policy's dtype (model.dtype: bfloat16 weights generate in bf16)
         return cls(model, tokenizer=tokenizer, version=version, pause_mode=cfg.rollout.pause_mode,
-                   linear="torch" if cfg.run.deterministic else "auto")
+                   linear="torch" if cfg.run.deterministic else "auto", dtype=cfg.model.dtype)
 
     # ---------------------------------------------------------------- public API
     async def generate(self, input_ids: list[int], params: SamplingParams | None = None,

@@ -179,7 +179,8 @@ class ProcessEngine(InferenceEngine):
         transport = r.weight_sync if r.weight_sync in CHANNELS else "shm"
         return cls(model, tokenizer, version=version, threads=r.engine_threads, transport=transport,
                    weights_dir=r.weights_dir or None, pause_mode=r.pause_mode,
-                   linear="torch" if cfg.run.deterministic else "auto")  # as EmbeddedEngine.from_config
+                   linear="torch" if cfg.run.deterministic else "auto",
+                   dtype=cfg.model.dtype)  # as EmbeddedEngine.from_config
 
     # ------------------------------------------------------------------ plumbing
     def _read(self) -> None:

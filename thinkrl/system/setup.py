@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from thinkrl.data import load_task_data
-from thinkrl.device import resolve_device, set_threads
+from thinkrl.device import check_dtype, resolve_device, set_threads
 from thinkrl.models.loading import NAMED_MODELS, load_checkpoint, load_policy
 from thinkrl.rollout.base import engine_class
 from thinkrl.rollout.workflow import SingleTurnWorkflow
@@ -49,6 +49,7 @@ def build_run(cfg, model_dir: str | None = None) -> Run:
     seed_everything(cfg.run.seed)
     set_threads(cfg.run.threads)
     device = resolve_device(cfg.run.device)
+    check_dtype(device, cfg.model.dtype)
     task = make_task(cfg.task.name, cfg.task.params, cfg.task.system_prompt)
     src = model_dir or cfg.run.init_from
     if src and (src == "micro" or src in NAMED_MODELS):  # a model name, not a directory
