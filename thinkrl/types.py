@@ -29,6 +29,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)  # stop strings (engine needs a tokenizer)
     seed: int | None = None
+    top_logprobs: int = 0  # > 0: also return the N most likely tokens (and log-probs) at each position
 
 
 @dataclass
@@ -39,6 +40,8 @@ class Generation:
     logprobs: list[float]  # log p(token) under the policy (temperature 1), one per token
     versions: list[int]  # policy version that produced each token
     finish: str  # "stop" | "length" | "abort"
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # SamplingParams.top_logprobs = N: per position, the
+    # N most likely (token id, log-prob at temperature 1), most likely first
 
 
 @dataclass

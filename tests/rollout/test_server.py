@@ -133,7 +133,9 @@ def test_info_endpoints_and_keep_alive(served):
     ({"input_ids": [1, 99999], "sampling_params": {}}, 400, "out of range"),
     ({"input_ids": [1, 2], "sampling_params": {"frobnicate": 1}}, 400, "frobnicate"),
     ({"input_ids": [1, 2], "sampling_params": {"ignore_eos": True}}, 400, "not supported"),
-    ({"input_ids": [1, 2], "stream": True}, 400, "stream"),
+    ({"input_ids": [1, 2], "stream": "yes"}, 400, "stream"),
+    ({"input_ids": [1, 2], "sampling_params": {"temperature": 1e999}}, 400, "malformed JSON"),
+    (b'{"input_ids": ' + b"[" * 30000 + b"]" * 30000 + b"}", 400, "nested too deeply"),
     (b'{"input_ids": [' + b"1," * 40000 + b"1]}", 413, "exceeds the limit"),
 ])
 def test_bad_requests_get_json_4xx(served, body, status, word):
@@ -285,7 +287,7 @@ def test_openai_endpoints_raw_http(served):
     assert status == 200 and out["choices"][0]["message"]["role"] == "assistant"
     lp = out["choices"][0]["logprobs"]["content"]
     assert [e["logprob"] for e in lp] == pytest.approx(ref[: len(lp)], abs=1e-4)  # same prompt, same greedy path
-    assert call(port, "/v1/completions", {"model": "m", "prompt": PROMPT, "logprobs": 3})[0] == 400
+    assert call(port, "/v1/completions", {"model": "m", "prompt": PROMPT, "logprobs": 21})[0] == 400
     assert call(port, "/v1/chat/completions", {"model": "m", "messages": "hi"})[0] == 400
 
 

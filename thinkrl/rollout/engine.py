@@ -263,7 +263,7 @@ class EmbeddedEngine(InferenceEngine):
 
     def _finish(self, seq: Sequence, reason: str, g: int, done: list) -> None:
         tokens, logprobs = self.runner.output(seq.slot, g)
-        seq.result = Generation(tokens, logprobs, seq.versions(g), reason)
+        seq.result = Generation(tokens, logprobs, seq.versions(g), reason, self.runner.top_output(seq.slot, g))
         self._release([seq])
         self._settle(seq, done)
 

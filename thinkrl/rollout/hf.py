@@ -75,7 +75,12 @@ class HFEngine(InferenceEngine):
         model.train(was_training)
         new = out.sequences[:, width:].cpu()
         logits = torch.stack(out.logits, dim=1).float()  # [B, T, V] raw logits
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, new[:, : logits.shape[1], None].to(logits.device))[..., 0].cpu()
+        full = torch.log_softmax(logits, dim=-1)
+        logp = full.gather(-1, new[:, : logits.shape[1], None].to(logits.device))[..., 0].cpu()
+        top = None
+        if params.top_logprobs > 0:  # the N most likely tokens at each position, only when asked
+            tv, ti = full.topk(min(params.top_logprobs, full.shape[-1]), -1)
+            top = [[list(zip(i, v)) for i, v in zip(ri, rv)] for ri, rv in zip(ti.tolist(), tv.tolist())]
         gens = []
         stops = set(stop_ids)
         for i in range(len(prompts)):
@@ -93,7 +98,8 @@ class HFEngine(InferenceEngine):
                         finish, end = "stop", t + 1
                         break
             toks = toks[:end]
-            gens.append(Generation(tokens=toks, logprobs=logp[i, :end].tolist(), versions=[self.version] * end, finish=finish))
+            gens.append(Generation(tokens=toks, logprobs=logp[i, :end].tolist(), versions=[self.version] * end,
+                                   finish=finish, top_logprobs=top[i][:end] if top is not None else None))
         return gens
 
     # ------------------------------------------------------------------ async API

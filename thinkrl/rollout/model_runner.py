@@ -37,6 +37,8 @@ class ModelRunner:
         self.st = SlotState(max_seqs, max_len, device)  # per-slot state, on device
         self._ar = torch.arange(max_seqs, device=device)
         self.ticks = 0  # decode steps run
+        self.top_n: dict[int, int] = {}  # slot -> N, for sequences that asked for top-N alternatives
+        self.top: dict[int, list[list[tuple[int, float]]]] = {}  # slot -> per generated token, its top-N
 
     @property
     def kv_bytes(self) -> int:
@@ -84,6 +86,9 @@ class ModelRunner:
         self.st.assign(idx, [s.req.stop_ids for s in seqs], [p.max_new_tokens for p in ps],
                        pos=[len(s.req.prompt) for s in seqs], seed=[s.seed for s in seqs],
                        temp=[p.temperature for p in ps], top_p=[p.top_p for p in ps], top_k=[p.top_k for p in ps])
+        for s in seqs:
+            if s.req.params.top_logprobs > 0:
+                self.top_n[s.slot], self.top[s.slot] = s.req.params.top_logprobs, []
         return self._sample(idx, torch.stack([rows[s.req] for s in seqs]), filtered, plain)
 
     def decode(self, hi: int, length: int, filtered: bool, plain: bool) -> Sampled:
@@ -103,6 +108,8 @@ class ModelRunner:
         tok, lp = sample(logits, st.temp[r], st.top_p[r], st.top_k[r], st.u[r].gather(1, g[:, None])[:, 0],
                          filtered, plain=plain)
         st.out_tok[idx, g], st.out_lp[idx, g], st.tok[r] = tok, lp, tok
+        if self.top_n:
+            self._record_top(idx, logits, active)
         g = g + (1 if active is None else active)
         st.gen[r] = g
         stop = (st.stop_tab[r] == tok[:, None]).any(1)
@@ -111,6 +118,20 @@ class ModelRunner:
             fin &= active
         end = fin.nonzero()[:, 0]
         return idx, tok, dict(zip(*torch.stack([idx[end], stop[end].long()]).tolist()))
+
+    def _record_top(self, idx: torch.Tensor, logits: torch.Tensor, active: torch.Tensor | None) -> None:
+        """The N most likely tokens (log-probs at temperature 1) of the rows whose sequences asked for them:
+        computed only for those rows, only while one is running."""
+        slots = idx.tolist()
+        act = active.tolist() if active is not None else [True] * len(slots)
+        rows = [i for i, s in enumerate(slots) if s in self.top_n and act[i]]
+        if not rows:
+            return
+        k = min(max(self.top_n[slots[i]] for i in rows), logits.shape[-1])
+        vals, ids = torch.log_softmax(logits[torch.tensor(rows, device=logits.device)].float(), -1).topk(k, -1)
+        for i, v, t in zip(rows, vals.tolist(), ids.tolist()):
+            n = self.top_n[slots[i]]
+            self.top[slots[i]].append(list(zip(t[:n], v[:n])))
 
     # ------------------------------------------------------------------ slots
     def generated(self) -> list[int]:
@@ -121,7 +142,13 @@ class ModelRunner:
         """The first n generated tokens of `slot` and their log-probs."""
         return self.st.out_tok[slot, :n].tolist(), self.st.out_lp[slot, :n].tolist()
 
+    def top_output(self, slot: int, n: int) -> list[list[tuple[int, float]]] | None:
+        """The top-N alternatives of the first n generated tokens of `slot` (None: not asked for)."""
+        return self.top[slot][:n] if slot in self.top_n else None
+
     def clear(self, slots: list[int]) -> None:
+        for s in slots:
+            self.top_n.pop(s, None), self.top.pop(s, None)
         self.st.clear(torch.tensor(slots, device=self.device))
 
     def move(self, movers: list[int], holes: list[int], length: int) -> None:
@@ -129,3 +156,6 @@ class ModelRunner:
         src, dst = (torch.tensor(x, dtype=torch.long, device=self.device) for x in (movers, holes))
         self.model.move(src, dst, length)
         self.st.move(src, dst)
+        moved = {h: (self.top_n.pop(m), self.top.pop(m)) for m, h in zip(movers, holes) if m in self.top_n}
+        for h, (n, top) in moved.items():
+            self.top_n[h], self.top[h] = n, top

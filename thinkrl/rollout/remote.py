@@ -21,10 +21,13 @@
   vLLM (api="openai"; found when /pause_generation is a 404) needs VLLM_SERVER_DEV_MODE=1 and gets its dev
   endpoints instead: /pause?mode=..., /collective_rpc reload_weights {weights_path}, /reset_prefix_cache,
   /update_weight_version, /resume.
+HTTP: httpx.AsyncClient (keep-alive pools, one per event loop; the OpenAI SDK's client too). A transport error
+(refused, reset, a connection dropped mid-answer, a timeout) counts as the server being down.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import random
@@ -37,8 +40,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import httpx
+
 from thinkrl.rollout.base import EngineCaps, InferenceEngine, register_engine, run_sync
-from thinkrl.rollout.http_util import HTTPClient, Response
 from thinkrl.rollout.weights import save_safetensors
 from thinkrl.types import Generation, SamplingParams
 
@@ -48,6 +52,29 @@ APIS = ("sglang", "openai")
 # retract the frozen requests' KV is dropped after the reload (/reset_prefix_cache?reset_running_requests=true)
 # and recomputed with the new weights on resume.
 VLLM_PAUSE = {"abort": "abort", "in_place": "keep", "retract": "keep"}
+DOWN = (OSError, asyncio.TimeoutError, httpx.TransportError)  # the server is unreachable or dropped the request
+
+
+def _json(r: httpx.Response):
+    """The body as JSON (None when empty)."""
+    return json.loads(r.content) if r.content.strip() else None
+
+
+def _error_message(r: httpx.Response) -> str:
+    """The server's error message: OpenAI style {"error": {"message"}}, SGLang style {"message"}, or text."""
+    try:
+        obj = _json(r)
+    except ValueError:
+        obj = None
+    if isinstance(obj, dict):
+        err = obj.get("error")
+        if isinstance(err, dict) and "message" in err:
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+        if "message" in obj:
+            return str(obj["message"])
+    return r.content[:300].decode("utf-8", "replace")
 
 
 class RemoteError(RuntimeError):
@@ -76,7 +103,7 @@ class _Server:
 
 @dataclass(eq=False)
 class _LoopState:  # asyncio objects are bound to one event loop: one of these per loop
-    client: HTTPClient
+    client: httpx.AsyncClient
     cond: asyncio.Condition
     active: int = 0
 
@@ -157,8 +184,17 @@ class RemoteEngine(InferenceEngine):
         loop = asyncio.get_running_loop()
         st = self._loops.get(loop)
         if st is None:
-            st = self._loops[loop] = _LoopState(HTTPClient(headers=self._auth()), asyncio.Condition())
+            st = self._loops[loop] = _LoopState(self._client(), asyncio.Condition())
+        elif st.client.is_closed:
+            st.client = self._client()
         return st
+
+    def _client(self) -> httpx.AsyncClient:
+        """Keep-alive connections to the servers, for one event loop; requests are bounded by max_concurrency
+        per server (not by the pool), and by request_timeout."""
+        return httpx.AsyncClient(headers=self._auth(), timeout=httpx.Timeout(self.request_timeout, connect=30.0),
+                                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+                                 trust_env=False)
 
     def _choose(self, key: str) -> _Server:
         now = time.monotonic()
@@ -205,7 +241,7 @@ class RemoteEngine(InferenceEngine):
                     if self._weights is not None and s.version != self.version:
                         await self._catch_up(st.client, s)
                     return await asyncio.wait_for(self._call(st.client, s, prompt, params, n), self.request_timeout)
-                except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
+                except DOWN as e:
                     s.dead_until, last = time.monotonic() + self.dead_cooldown, e
                     s.version = -1  # it may come back restarted with other weights: resend ours first
                     s.stats["failures"] += 1
@@ -228,19 +264,19 @@ class RemoteEngine(InferenceEngine):
         finally:
             st.active -= 1
             if st.active == 0:  # no request in flight on this loop: close idle connections with it
-                st.client.close()
+                await st.client.aclose()
 
-    async def _call(self, client: HTTPClient, s: _Server, prompt, params: SamplingParams, n: int) -> list[Generation]:
+    async def _call(self, client: httpx.AsyncClient, s: _Server, prompt, params: SamplingParams, n: int) -> list[Generation]:
         if self.api == "sglang":
             sp = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
                   "top_k": params.top_k if params.top_k > 0 else -1, "n": n, "stop": list(params.stop),
                   "stop_token_ids": list(params.stop_token_ids)}
             if params.seed is not None:
                 sp["sampling_seed"] = params.seed
-            r = self._check(s, "/generate", await client.request(
-                "POST", s.url + "/generate", {"input_ids": prompt, "sampling_params": sp, "return_logprob": True}))
+            r = self._check(s, "/generate", await client.post(
+                s.url + "/generate", json={"input_ids": prompt, "sampling_params": sp, "return_logprob": True}))
             try:
-                items = r.json()
+                items = _json(r)
                 gens = [self._parse_sglang(s, it) for it in ([items] if isinstance(items, dict) else items)]
             except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
                 raise RemoteError(f"{s.url}/generate: malformed answer ({type(e).__name__}: {e})") from None
@@ -255,20 +291,20 @@ class RemoteEngine(InferenceEngine):
                 body["top_k"] = params.top_k
             if params.seed is not None:
                 body["seed"] = params.seed
-            r = self._check(s, "/v1/completions", await client.request("POST", s.url + "/v1/completions", body))
+            r = self._check(s, "/v1/completions", await client.post(s.url + "/v1/completions", json=body))
             try:
-                gens = [self._parse_openai(s, c) for c in sorted(r.json()["choices"], key=lambda c: c.get("index", 0))]
+                gens = [self._parse_openai(s, c) for c in sorted(_json(r)["choices"], key=lambda c: c.get("index", 0))]
             except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
                 raise RemoteError(f"{s.url}/v1/completions: malformed answer ({type(e).__name__}: {e})") from None
         if len(gens) != n:
             raise RemoteError(f"{s.url}: asked for {n} samples, got {len(gens)}")
         return gens
 
-    def _check(self, s: _Server, path: str, r: Response) -> Response:
-        if r.status == 200:
+    def _check(self, s: _Server, path: str, r: httpx.Response) -> httpx.Response:
+        if r.status_code == 200:
             return r
-        msg = f"{s.url}{path}: HTTP {r.status}: {r.error_message()}"
-        if r.status >= 500 or r.status in (408, 429):
+        msg = f"{s.url}{path}: HTTP {r.status_code}: {_error_message(r)}"
+        if r.status_code >= 500 or r.status_code in (408, 429):
             raise _Retry(msg)
         raise RemoteError(msg)
 
@@ -309,22 +345,23 @@ class RemoteEngine(InferenceEngine):
         return Generation([int(t) for t in tokens], [float(x) for x in logprobs],
                           self._versions(choice.get("token_versions"), None, len(tokens)), finish)
 
-    async def _model_of(self, client: HTTPClient, s: _Server) -> str:
-        r = self._check(s, "/v1/models", await client.request("GET", s.url + "/v1/models", timeout=30))
-        data = (r.json() or {}).get("data") or []
+    async def _model_of(self, client: httpx.AsyncClient, s: _Server) -> str:
+        r = self._check(s, "/v1/models", await client.get(s.url + "/v1/models", timeout=30))
+        data = (_json(r) or {}).get("data") or []
         if not data:
             raise RemoteError(f"{s.url}/v1/models: the server lists no model")
         return data[0]["id"]
 
     # ------------------------------------------------------------------------------------------ control
-    async def _post(self, client: HTTPClient, s: _Server, path: str, body: dict | None = None) -> Response:
-        r = await client.request("POST", s.url + path, body if body is not None else {}, timeout=self.request_timeout)
-        if r.status == 404:
+    async def _post(self, client: httpx.AsyncClient, s: _Server, path: str,
+                    body: dict | None = None) -> httpx.Response:
+        r = await client.post(s.url + path, json=body if body is not None else {}, timeout=self.request_timeout)
+        if r.status_code == 404:
             raise _NotFound(f"{s.url}{path}: not found (this server has no such endpoint; see "
                             "docs/remote_engines.md)")
         return self._check(s, path, r)
 
-    async def _pause(self, client: HTTPClient, s: _Server) -> None:
+    async def _pause(self, client: httpx.AsyncClient, s: _Server) -> None:
         """Pause generation; with api=openai, a 404 on SGLang's /pause_generation means vLLM (its dev-mode /pause)."""
         if s.control != "vllm":
             try:
@@ -341,10 +378,10 @@ class RemoteEngine(InferenceEngine):
                               "start vLLM with VLLM_SERVER_DEV_MODE=1 for weight updates") from None
         s.control = "vllm"
 
-    async def _continue(self, client: HTTPClient, s: _Server) -> None:
+    async def _continue(self, client: httpx.AsyncClient, s: _Server) -> None:
         await self._post(client, s, "/resume" if s.control == "vllm" else "/continue_generation")
 
-    async def _load(self, client: HTTPClient, s: _Server, path: str, version: int) -> None:
+    async def _load(self, client: httpx.AsyncClient, s: _Server, path: str, version: int) -> None:
         """Load weights from disk on a paused server."""
         if s.control != "vllm":
             await self._post(client, s, "/update_weights_from_disk",
@@ -363,7 +400,7 @@ class RemoteEngine(InferenceEngine):
         reset = "/reset_prefix_cache" + ("?reset_running_requests=true" if self._mode == "retract" else "")
         r = await self._post(client, s, reset)
         try:
-            ok = (r.json() or {}).get("success", True)
+            ok = (_json(r) or {}).get("success", True)
         except (ValueError, AttributeError):
             ok = True
         if not ok and self._mode != "in_place":  # in_place: the frozen requests hold their blocks
@@ -373,7 +410,7 @@ class RemoteEngine(InferenceEngine):
         except _NotFound:  # older vLLM: the version is only the client's
             pass
 
-    async def _catch_up(self, client: HTTPClient, s: _Server) -> None:
+    async def _catch_up(self, client: httpx.AsyncClient, s: _Server) -> None:
         """Bring a server that missed weight updates to the current version (failing: treat it as down)."""
         try:
             loaded = False
@@ -396,8 +433,7 @@ class RemoteEngine(InferenceEngine):
 
     async def _control(self, fn) -> list:
         """fn(client, server) on every live server at once; failures mark servers dead; all failing raises."""
-        client = HTTPClient(headers=self._auth())
-        try:
+        async with self._client() as client:
             live = [s for s in self.servers if s.dead_until <= time.monotonic()] or list(self.servers)
             res = await asyncio.gather(*[fn(client, s) for s in live], return_exceptions=True)
             ok = [s for s, r in zip(live, res) if not isinstance(r, BaseException)]
@@ -410,8 +446,6 @@ class RemoteEngine(InferenceEngine):
                 err = next(r for r in res if isinstance(r, BaseException))
                 raise err if isinstance(err, RemoteError) else RemoteError(f"no server reachable: {err}")
             return ok
-        finally:
-            client.close()
 
     def pause(self, mode: str | None = None) -> None:
         """Pause every live server (a server that does not answer is marked dead and caught up later)."""
@@ -425,11 +459,8 @@ class RemoteEngine(InferenceEngine):
         self._mode = self.pause_mode
 
         async def go():
-            client = HTTPClient(headers=self._auth())
-            try:
+            async with self._client() as client:
                 res = await asyncio.gather(*[self._continue(client, s) for s in held], return_exceptions=True)
-            finally:
-                client.close()
             for s, r in zip(held, res):
                 if isinstance(r, BaseException):  # its next request fails over, or catches it up
                     log.warning("remote engine: %s: continue_generation failed: %s", s.url, r)

@@ -5,12 +5,17 @@
     ...                              # POST /generate, /v1/completions, /update_weights_from_disk, ...
     server.stop()
 
-Two event loops: the HTTP loop (this module) and an engine loop in its own thread, so an engine that computes
-inside its event loop (HFEngine) never blocks /health, /pause_generation or overload answers. Errors are JSON
-`{"error": {"message", "type", "code"}}`; an engine exception is a 500 and the server stays up.
-Native API: /generate (text or input_ids, single or batch, sampling_params, return_logprob), /update_weights_from_disk,
-/pause_generation, /continue_generation, /flush_cache, /health, /get_model_info, /get_server_info, /get_weight_version.
-OpenAI: /v1/models, /v1/completions, /v1/chat/completions (non-streaming; sampled-token log-probs only).
+A FastAPI app served by uvicorn (the stack SGLang and vLLM serve with) on its own thread and event loop, and the
+engine on a second loop in its own thread, so an engine that computes inside its event loop (HFEngine) never
+blocks /health, /pause_generation or overload answers. Binds 127.0.0.1 unless told otherwise.
+Errors are JSON `{"error": {"message", "type", "code"}}`: bad input is a 4xx naming the field (malformed or too
+deeply nested JSON 400, body over `max_body` 413, more than `max_queue` requests queued 503 with Retry-After), an
+engine exception a 500, and the server stays up. With `api_key` every route but /health* (SGLang exempts those
+too, for load-balancer probes) answers 401 without `Authorization: Bearer KEY`. GET /openapi.json lists the routes.
+Native API: /generate (text or input_ids, single or batch, sampling_params, return_logprob, top_logprobs_num,
+stream), /update_weights_from_disk, /pause_generation, /continue_generation, /flush_cache, /health,
+/health_generate, /get_model_info, /get_server_info, /get_weight_version.
+OpenAI: /v1/models, /v1/completions, /v1/chat/completions (openai_routes.py: streaming, top-N log-probs).
 Each response's meta_info also carries `output_token_versions` (the policy version of every token), a thinkrl extension.
 """
 from __future__ import annotations
@@ -21,35 +26,91 @@ import hmac
 import inspect
 import logging
 import signal
+import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+
+from thinkrl.rollout.api_fields import (IGNORED, INT64, NEUTRAL, APIError, check_neutral, get_field, get_id_lists,
+                                        get_str_list, parse_json)
 from thinkrl.rollout.base import engine_class
-from thinkrl.rollout.http_util import (IGNORED, NEUTRAL, HTTPError, Request, check_neutral, get_field, get_id_lists,
-                                       get_str_list, json_bytes, read_request, write_response)
-from thinkrl.rollout.openai_routes import OpenAIRoutes
+from thinkrl.rollout.openai_routes import OpenAIRoutes, sse
 from thinkrl.rollout.weights import load_safetensors
 from thinkrl.types import Generation, SamplingParams
 
 log = logging.getLogger(__name__)
-IDLE_TIMEOUT = 300.0  # seconds a connection may sit idle (or send one request) before it is closed
-OPEN_PATHS = {"/health", "/health_generate", "/ping"}  # answered without the API key (load-balancer probes)
+KEEP_ALIVE = 60.0  # seconds an idle keep-alive connection stays open
+MAX_TOP_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's limit)
 # /pause_generation modes (SGLang's and vLLM's names) -> the engine's (thinkrl.rollout.base.PAUSE_MODES)
 SERVER_PAUSE_MODES = {"abort": "abort", "retract": "retract", "in_place": "in_place", "keep": "in_place",
                       "wait": "in_place"}
+GET_POST = ["GET", "POST"]
+# path -> (methods, handler name); every route of the server (the API key middleware covers them all)
+ROUTES = {
+    "/generate": (["POST"], "_generate"), "/update_weights_from_disk": (["POST"], "_update_weights"),
+    "/pause_generation": (GET_POST, "_pause"), "/continue_generation": (GET_POST, "_continue"),
+    "/flush_cache": (GET_POST, "_flush"), "/health": (GET_POST, "_health"),
+    "/health_generate": (GET_POST, "_health"), "/ping": (GET_POST, "_health"),
+    "/get_model_info": (GET_POST, "_model_info"), "/get_server_info": (GET_POST, "_server_info"),
+    "/get_weight_version": (GET_POST, "_weight_version"), "/v1/models": (["GET"], "_models"),
+    "/v1/completions": (["POST"], "_completions"), "/v1/chat/completions": (["POST"], "_chat"),
+}
+ANY_JSON = {"requestBody": {"content": {"application/json": {"schema": {"type": "object"}}}}}
+
+
+@dataclass
+class Call:
+    """One request as the handlers see it: method, the body already read (bounded) and the query."""
+
+    method: str
+    body: bytes = b""
+    query: dict = field(default_factory=dict)
+
+    def json(self):
+        return parse_json(self.body)
+
+
+class _Guard:
+    """ASGI middleware: the API key on every route but /health*, before any body is read."""
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        key = self.server.api_key
+        if key and scope["type"] == "http" and not scope["path"].startswith("/health"):
+            auth = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(auth, f"Bearer {key}".encode()):
+                err = APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
+                               "authentication_error")
+                await JSONResponse(err.payload(), 401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.payload(), e.status, headers=e.headers)
+
+
 class Server(OpenAIRoutes):
     def __init__(self, engine, tokenizer, *, model, model_dir: str = "", served_name: str | None = None,
                  host: str = "127.0.0.1", port: int = 30000, api_key: str | None = None, max_queue: int = 256,
-                 max_body: int = 16 << 20, max_len: int | None = None):
+                 max_body: int = 16 << 20, max_len: int | None = None, retry_after: int = 1):
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
         self.engine, self.tokenizer = engine, tokenizer
         self.model = model  # what the engine serves: context length, vocabulary, and the check of every load
         self.model_dir, self.host, self.port, self.api_key = str(model_dir), host, port, api_key or None
         self.served_name = served_name or (Path(self.model_dir).name if self.model_dir else "thinkrl")
-        self.max_queue, self.max_body = max_queue, max_body
+        self.max_queue, self.max_body, self.retry_after = max_queue, max_body, retry_after
         cfg = getattr(self.model, "config", None)
         self.max_len = max_len or getattr(cfg, "max_position_embeddings", None) or tokenizer.model_max_length
         self.vocab = getattr(cfg, "vocab_size", None) or len(tokenizer)
@@ -58,128 +119,137 @@ class Server(OpenAIRoutes):
         self.eos_ids = sorted({*eos, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
         self.queued = 0  # generate calls admitted and not yet answered (waiting or running in the engine)
         self.paused = False
-        self._routes = {
-            "/generate": self._generate, "/update_weights_from_disk": self._update_weights,
-            "/pause_generation": self._pause, "/continue_generation": self._continue, "/flush_cache": self._flush,
-            "/health": self._health, "/health_generate": self._health, "/ping": self._health,
-            "/get_model_info": self._model_info, "/get_server_info": self._server_info,
-            "/get_weight_version": lambda req: {"weight_version": str(self.engine.version)},
-            "/v1/models": self._models, "/v1/completions": self._completions, "/v1/chat/completions": self._chat,
-        }
-        self._conns: set[asyncio.StreamWriter] = set()
-        self._hloop = self._eloop = self._srv = None
+        self.counters = {"requests": 0, "rejected_503": 0}
+        self.app = self._build_app()
+        self._eloop = self._hloop = self._uv = None
         self._threads: list[threading.Thread] = []
+
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(title="thinkrl serve", docs_url=None, redoc_url=None)
+        for path, (methods, name) in ROUTES.items():
+            app.add_api_route(path, self._endpoint(getattr(self, name)), methods=methods, name=name.strip("_"),
+                              openapi_extra=ANY_JSON if "POST" in methods else None)
+
+        async def http_error(request, e: StarletteHTTPException):  # 404, 405 from routing
+            kind = "not_found" if e.status_code == 404 else "invalid_request_error"
+            msg = (f"no endpoint {request.url.path!r}" if e.status_code == 404 else
+                   f"method {request.method} not allowed on {request.url.path}" if e.status_code == 405 else
+                   str(e.detail))
+            return _error_response(APIError(e.status_code, msg, kind, dict(e.headers or {})))
+
+        app.add_exception_handler(StarletteHTTPException, http_error)
+        app.add_middleware(_Guard, server=self)
+        return app
+
+    def _endpoint(self, fn):
+        async def endpoint(request: Request) -> Response:
+            try:
+                call = Call(request.method, await self._read(request), dict(request.query_params))
+                out = fn(call)
+                out = await out if inspect.isawaitable(out) else out
+            except APIError as e:
+                return _error_response(e)
+            except Exception as e:  # a bug in a handler: answer 500, keep serving
+                log.exception("thinkrl serve: %s %s failed", request.method, request.url.path)
+                return _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", "internal_error"))
+            if isinstance(out, Response):
+                return out
+            status, payload = out if isinstance(out, tuple) else (200, out)
+            if isinstance(payload, (dict, list)):
+                return JSONResponse(payload, status)
+            return PlainTextResponse(str(payload), status)
+        endpoint.__name__ = fn.__name__.strip("_")
+        return endpoint
+
+    async def _read(self, request: Request) -> bytes:
+        """The request body, at most max_body bytes (a longer one is a 413 before it is all read)."""
+        n = request.headers.get("content-length")
+        if n is not None and n.isdigit() and int(n) > self.max_body:
+            raise APIError(413, f"request body of {n} bytes exceeds the limit of {self.max_body} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():  # (chunked bodies too)
+            size += len(chunk)
+            if size > self.max_body:
+                raise APIError(413, f"request body exceeds the limit of {self.max_body} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def start(self) -> int:
-        """Serve from background threads; returns the bound port."""
-        self._eloop = asyncio.new_event_loop()
-        self._hloop = asyncio.new_event_loop()
-        ready, err = threading.Event(), []
+        """Serve from background threads; returns the bound port (an OSError if it cannot bind)."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError:
+            sock.close()
+            raise
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_keep_alive=int(KEEP_ALIVE), timeout_graceful_shutdown=2, backlog=2048)
+        self._uv = uvicorn.Server(config)
+        self._eloop, self._hloop = asyncio.new_event_loop(), asyncio.new_event_loop()
+        err: list[BaseException] = []
 
         def http():
             asyncio.set_event_loop(self._hloop)
             try:
-                self._srv = self._hloop.run_until_complete(
-                    asyncio.start_server(self._connection, self.host, self.port, limit=1 << 17))
-                self.port = self._srv.sockets[0].getsockname()[1]
-            except Exception as e:  # e.g. the port is taken
+                self._hloop.run_until_complete(self._uv.serve(sockets=[sock]))
+            except BaseException as e:  # (uvicorn exits with SystemExit on a failed startup)
                 err.append(e)
-                return
             finally:
-                ready.set()
-            run(self._hloop)
+                sock.close()
+                self._hloop.close()
 
-        def run(loop):
-            loop.run_forever()
-            loop.close()
+        def engine():
+            self._eloop.run_forever()
+            self._eloop.close()
 
-        for name, target in (("engine", lambda: run(self._eloop)), ("http", http)):
+        for name, target in (("engine", engine), ("http", http)):
             t = threading.Thread(target=target, name=f"thinkrl-serve-{name}", daemon=True)
             t.start()
             self._threads.append(t)
-        ready.wait()
-        if err:
+        while not self._uv.started and self._threads[1].is_alive():
+            time.sleep(0.01)
+        if not self._uv.started:
             self.stop()
-            raise err[0]
+            raise OSError(f"thinkrl serve: could not start on {self.host}:{self.port}: {err[0] if err else '?'}")
         return self.port
 
     def stop(self) -> None:
-        """Close the listener and every open connection, then stop both loops."""
-        async def cancel_all(http: bool):
-            if http and self._srv is not None:
-                self._srv.close()
-                for w in list(self._conns):
-                    w.transport.abort()
-            me = asyncio.current_task()
-            tasks = [t for t in asyncio.all_tasks() if t is not me]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        for loop in (self._hloop, self._eloop):
-            if loop is not None and loop.is_running():
-                try:
-                    asyncio.run_coroutine_threadsafe(cancel_all(loop is self._hloop), loop).result(timeout=5)
-                except Exception:  # a loop busy in engine compute: it is a daemon thread
-                    pass
-                loop.call_soon_threadsafe(loop.stop)
+        """Close the listener and every open connection (requests in flight get no answer), then stop both loops."""
+        uv, hloop = self._uv, self._hloop
+        if uv is not None and hloop is not None and not hloop.is_closed():
+            def abort():
+                uv.should_exit = uv.force_exit = True
+                for conn in list(uv.server_state.connections):
+                    if conn.transport is not None:
+                        conn.transport.abort()
+            try:
+                hloop.call_soon_threadsafe(abort)
+            except RuntimeError:  # its loop just closed
+                pass
+        if self._eloop is not None and not self._eloop.is_closed():
+            async def cancel_all():
+                me = asyncio.current_task()
+                tasks = [t for t in asyncio.all_tasks() if t is not me]
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            if len(self._threads) > 1:
+                self._threads[1].join(timeout=10)  # the HTTP side first: nothing new reaches the engine
+            try:
+                asyncio.run_coroutine_threadsafe(cancel_all(), self._eloop).result(timeout=5)
+            except Exception:  # a loop busy in engine compute: it is a daemon thread
+                pass
+            try:
+                self._eloop.call_soon_threadsafe(self._eloop.stop)
+            except RuntimeError:
+                pass
         for t in self._threads:
             t.join(timeout=5)
         self._threads.clear()
-
-    # ------------------------------------------------------------------------------------------ HTTP
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._conns.add(writer)
-        try:
-            while True:
-                keep = True
-                try:
-                    req = await asyncio.wait_for(read_request(reader, writer, self.max_body), IDLE_TIMEOUT)
-                    if req is None:
-                        break
-                    keep = req.keep_alive
-                    status, payload = await self._dispatch(req)
-                except HTTPError as e:  # malformed at the HTTP level: answer, then close
-                    status, payload, keep = e.status, self._error(e), False
-                if isinstance(payload, (dict, list)):
-                    body, ctype = json_bytes(payload), "application/json"
-                else:
-                    body, ctype = str(payload).encode(), "text/plain; charset=utf-8"
-                await write_response(writer, status, body, ctype, keep_alive=keep)
-                if not keep:
-                    break
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
-            pass
-        finally:
-            self._conns.discard(writer)
-            writer.close()
-
-    @staticmethod
-    def _error(e: HTTPError) -> dict:
-        return {"error": {"message": e.message, "type": e.type, "code": e.status}}
-
-    async def _dispatch(self, req: Request) -> tuple[int, object]:
-        try:
-            handler = self._routes.get(req.path.rstrip("/") or "/")
-            if handler is None:
-                raise HTTPError(404, f"no endpoint {req.path!r}", "not_found")
-            if self.api_key and req.path not in OPEN_PATHS:
-                auth = req.headers.get("authorization", "")
-                if not hmac.compare_digest(auth.encode(), f"Bearer {self.api_key}".encode()):
-                    raise HTTPError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
-                                    "authentication_error")
-            if req.method not in ("GET", "POST", "PUT"):
-                raise HTTPError(405, f"method {req.method} not allowed", "invalid_request_error")
-            out = handler(req)
-            out = await out if inspect.isawaitable(out) else out
-            return out if isinstance(out, tuple) else (200, out)
-        except HTTPError as e:
-            return e.status, self._error(e)
-        except Exception as e:  # a bug in a handler: answer 500, keep serving
-            log.exception("thinkrl serve: %s %s failed", req.method, req.path)
-            return 500, {"error": {"message": f"internal error: {type(e).__name__}: {e}", "type": "internal_error",
-                                   "code": 500}}
 
     # ------------------------------------------------------------------------------------------ engine calls
     async def on_engine(self, fn, *args):
@@ -189,42 +259,49 @@ class Server(OpenAIRoutes):
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(call(), self._eloop))
 
     def sampling(self, prompts: list[list[int]], max_new: int | None, temperature: float, top_p: float, top_k: int,
-                 stop: list[str], stop_ids: list[int], seed: int | None, field: str) -> SamplingParams:
+                 stop: list[str], stop_ids: list[int], seed: int | None, field: str,
+                 top_logprobs: int = 0) -> SamplingParams:
         """Validated SamplingParams; max_new None means 'up to the context length'."""
         longest = max(len(p) for p in prompts)
         for p in prompts:
             bad = next((t for t in p if not 0 <= t < self.vocab), None)
             if bad is not None:
-                raise HTTPError(400, f"token id {bad} out of range [0, {self.vocab})")
+                raise APIError(400, f"token id {bad} out of range [0, {self.vocab})")
         if max_new is None:
             max_new = self.max_len - longest
         if max_new < 1 or longest + max_new > self.max_len:
-            raise HTTPError(400, f"{field}={max_new}: prompt ({longest} tokens) + {max_new} new tokens exceeds the "
-                                 f"model's context length ({self.max_len})")
+            raise APIError(400, f"{field}={max_new}: prompt ({longest} tokens) + {max_new} new tokens exceeds the "
+                                f"model's context length ({self.max_len})")
         if top_p <= 0:
-            raise HTTPError(400, "top_p: must be in (0, 1]")
+            raise APIError(400, "top_p: must be in (0, 1]")
         bad = next((t for t in stop_ids if not 0 <= t < self.vocab), None)
         if bad is not None:
-            raise HTTPError(400, f"stop_token_ids: {bad} out of range [0, {self.vocab})")
+            raise APIError(400, f"stop_token_ids: {bad} out of range [0, {self.vocab})")
+        if seed is not None and not INT64[0] <= seed <= INT64[1]:
+            raise APIError(400, f"seed: {seed} is out of the 64-bit range")
         top_k = top_k if 0 < top_k < self.vocab else 0  # -1, 0 or >= vocab: off
         return SamplingParams(max_new_tokens=max_new, temperature=temperature, top_p=top_p, top_k=top_k,
-                              stop_token_ids=sorted({*stop_ids, *self.eos_ids}), stop=stop, seed=seed)
+                              stop_token_ids=sorted({*stop_ids, *self.eos_ids}), stop=stop, seed=seed,
+                              top_logprobs=top_logprobs)
 
     async def run(self, prompts: list[list[int]], params: SamplingParams, n: int) -> list[list[Generation]]:
-        """n generations per prompt from the engine; overload is a 503, engine errors a 400 (ValueError) or 500."""
+        """n generations per prompt from the engine; beyond max_queue a 503 (with Retry-After), engine errors a
+        400 (ValueError) or 500."""
+        self.counters["requests"] += 1
         if self.queued + len(prompts) > self.max_queue:
-            raise HTTPError(503, f"server overloaded: {self.queued} requests in flight (max_queue={self.max_queue})",
-                            "overloaded_error")
+            self.counters["rejected_503"] += 1
+            raise APIError(503, f"server overloaded: {self.queued} requests in flight (max_queue={self.max_queue})",
+                           "overloaded_error", {"Retry-After": str(self.retry_after)})
         self.queued += len(prompts)
         try:
             futs = [asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.engine.generate(p, params, n),
                                                                          self._eloop)) for p in prompts]
             return list(await asyncio.gather(*futs))
         except ValueError as e:
-            raise HTTPError(400, str(e)) from None
+            raise APIError(400, str(e)) from None
         except Exception as e:  # (cancellation is a BaseException: it passes through)
             log.exception("thinkrl serve: engine error")
-            raise HTTPError(500, f"engine error: {type(e).__name__}: {e}", "internal_error") from None
+            raise APIError(500, f"engine error: {type(e).__name__}: {e}", "internal_error") from None
         finally:
             self.queued -= len(prompts)
 
@@ -242,21 +319,20 @@ class Server(OpenAIRoutes):
         return (text[:at] if trim else text), s
 
     # ------------------------------------------------------------------------------------------ native API
-    async def _generate(self, req: Request):
+    async def _generate(self, req: Call):
         body = req.json()
         if not isinstance(body, dict):
-            raise HTTPError(400, "request body: expected a JSON object")
-        if get_field(body, "stream", "bool", False):
-            raise HTTPError(400, "stream: streaming is not supported by thinkrl serve; send stream=false")
+            raise APIError(400, "request body: expected a JSON object")
+        stream = get_field(body, "stream", "bool", False)
         check_neutral(body)
         has_text, has_ids = body.get("text") is not None, body.get("input_ids") is not None
         if has_text == has_ids:
-            raise HTTPError(400, "give exactly one of text or input_ids")
+            raise APIError(400, "give exactly one of text or input_ids")
         if has_text:
             text = body["text"]
             texts = [text] if isinstance(text, str) else text
             if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
-                raise HTTPError(400, "text: expected a non-empty string or a list of them")
+                raise APIError(400, "text: expected a non-empty string or a list of them")
             prompts, batch = [list(self.tokenizer(t)["input_ids"]) for t in texts], not isinstance(text, str)
         else:
             prompts, batch = get_id_lists(body["input_ids"], "input_ids")
@@ -264,34 +340,38 @@ class Server(OpenAIRoutes):
         unknown = sorted(set(sp) - set(NEUTRAL) - IGNORED - {"max_new_tokens", "temperature", "top_p", "top_k",
                                                              "stop", "stop_token_ids"})
         if unknown:
-            raise HTTPError(400, f"sampling_params.{unknown[0]}: unknown or unsupported sampling parameter")
+            raise APIError(400, f"sampling_params.{unknown[0]}: unknown or unsupported sampling parameter")
         check_neutral(sp, "sampling_params.")
         w = "sampling_params."
         n = get_field(sp, "n", "int", 1, lo=1, hi=1024, where=w)
         seed = sp.get("sampling_seed", sp.get("seed"))
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise HTTPError(400, "sampling_params.sampling_seed: expected int")
+            raise APIError(400, "sampling_params.sampling_seed: expected int")
         stop_ids = get_field(sp, "stop_token_ids", "list", [], where=w)
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
-            raise HTTPError(400, "sampling_params.stop_token_ids: expected a list of ints")
+            raise APIError(400, "sampling_params.stop_token_ids: expected a list of ints")
+        want_lp = get_field(body, "return_logprob", "bool", False)
+        top_n = get_field(body, "top_logprobs_num", "int", 0, lo=0, hi=MAX_TOP_LOGPROBS) if want_lp else 0
         params = self.sampling(prompts, get_field(sp, "max_new_tokens", "int", 128, where=w),
                                get_field(sp, "temperature", "float", 1.0, lo=0, where=w),
                                get_field(sp, "top_p", "float", 1.0, hi=1, where=w),
                                get_field(sp, "top_k", "int", 0, lo=-1, where=w),
-                               get_str_list(sp, "stop", w), stop_ids, seed, "sampling_params.max_new_tokens")
-        want_lp = get_field(body, "return_logprob", "bool", False)
+                               get_str_list(sp, "stop", w), stop_ids, seed, "sampling_params.max_new_tokens", top_n)
         with_text = get_field(body, "return_text_in_logprobs", "bool", False)
         rids = body.get("rid")
         rids = rids if isinstance(rids, list) else [rids] if rids else [uuid.uuid4().hex for _ in prompts]
         if len(rids) != len(prompts) or not all(isinstance(r, str) for r in rids):
-            raise HTTPError(400, "rid: expected a string, or one string per prompt")
+            raise APIError(400, "rid: expected a string, or one string per prompt")
+        trim = not get_field(sp, "no_stop_trim", "bool", False, where=w)
         t0 = time.perf_counter()
         results = await self.run(prompts, params, n)
         out = []
         for prompt, rid, gens in zip(prompts, rids, results):
             for j, g in enumerate(gens):
                 out.append(self._native_item(g, params, prompt, rid if n == 1 else f"{rid}_{j}", want_lp, with_text,
-                                             time.perf_counter() - t0, not sp.get("no_stop_trim", False)))
+                                             time.perf_counter() - t0, trim))
+        if stream:  # SGLang's stream: each item's output so far, then [DONE] (here: each item once, when done)
+            return StreamingResponse(sse(out), media_type="text/event-stream")
         return out if (batch or n > 1) else out[0]
 
     def _native_item(self, g: Generation, params, prompt, rid, want_lp, with_text, latency, trim) -> dict:
@@ -303,30 +383,37 @@ class Server(OpenAIRoutes):
                 "cached_tokens": 0, "weight_version": str(self.engine.version),
                 "output_token_versions": list(g.versions), "e2e_latency": latency}
         if want_lp:
-            pieces = [self.tokenizer.decode([t]) if with_text else None for t in g.tokens]
-            meta["output_token_logprobs"] = [[float(lp), int(t), s] for lp, t, s in zip(g.logprobs, g.tokens, pieces)]
+            piece = (lambda t: self.tokenizer.decode([t])) if with_text else (lambda t: None)
+            meta["output_token_logprobs"] = [[float(lp), int(t), piece(t)] for lp, t in zip(g.logprobs, g.tokens)]
+            if params.top_logprobs:  # SGLang's shape: per token, [[logprob, token id, text], ...]
+                meta["output_top_logprobs"] = [[[float(lp), int(t), piece(t)] for t, lp in alts]
+                                               for alts in (g.top_logprobs or [])]
         return {"text": text, "output_ids": list(g.tokens), "meta_info": meta}
 
-    async def _update_weights(self, req: Request):
+    async def _update_weights(self, req: Call):
         body = req.json()
         if not isinstance(body, dict):
-            raise HTTPError(400, "request body: expected a JSON object")
+            raise APIError(400, "request body: expected a JSON object")
         path = get_field(body, "model_path", "str")
         fmt = body.get("load_format")
         if fmt not in (None, "auto", "safetensors"):
-            raise HTTPError(400, f"load_format={fmt!r}: only safetensors directories are supported")
+            raise APIError(400, f"load_format={fmt!r}: only safetensors directories are supported")
         version = body.get("weight_version")
         try:
             version = self.engine.version + 1 if version is None else int(version)
-        except (TypeError, ValueError):
-            raise HTTPError(400, f"weight_version={version!r}: thinkrl engines need an integer version") from None
+            if not INT64[0] <= version <= INT64[1]:
+                raise ValueError
+        except (TypeError, ValueError, OverflowError):
+            raise APIError(400, f"weight_version={str(version)[:40]!r}: thinkrl engines need an integer "
+                                "version") from None
         try:
             sd = await asyncio.to_thread(load_state_dict, path, self.model)
             if self.paused:  # by /pause_generation: continue_generation resumes
                 await self.on_engine(self.engine.update_weights, sd, version)
             else:
-                mode = self._engine_mode("abort" if get_field(body, "abort_all_requests", "bool", False) else "in_place")
-                await self.on_engine(self.engine.load_weights, sd, version, mode)
+                abort = get_field(body, "abort_all_requests", "bool", False)
+                await self.on_engine(self.engine.load_weights, sd, version, self._engine_mode(
+                    "abort" if abort else "in_place"))
         except (ValueError, OSError) as e:
             msg = f"update_weights_from_disk failed: {e}"
             return 400, {"success": False, "message": msg, "error": {"message": msg, "type": "invalid_request_error",
@@ -345,36 +432,39 @@ class Server(OpenAIRoutes):
         self.engine.pause(mode)
         return mode
 
-    async def _pause(self, req: Request):
+    async def _pause(self, req: Call):
         body = req.json() if req.method != "GET" else {}
-        mode = (body or {}).get("mode", "abort")
-        if mode not in SERVER_PAUSE_MODES:
-            raise HTTPError(400, f"mode={mode!r}: expected {', '.join(SERVER_PAUSE_MODES)}")
+        mode = body.get("mode", "abort") if isinstance(body, dict) else None
+        if not isinstance(mode, str) or mode not in SERVER_PAUSE_MODES:
+            raise APIError(400, f"mode={str(mode)[:40]!r}: expected {', '.join(SERVER_PAUSE_MODES)}")
         used = await self.on_engine(self._pause_engine, mode)
         self.paused = True
         return {"message": "Generation paused successfully.", "status": "ok", "mode": used}
 
-    async def _continue(self, req: Request):
+    async def _continue(self, req: Call):
         await self.on_engine(self.engine.resume)
         self.paused = False
         return {"message": "Generation continued successfully.", "status": "ok"}
 
-    async def _flush(self, req: Request):
+    async def _flush(self, req: Call):
         # answered for SGLang clients; thinkrl engines flush their prefix cache on every weight load themselves
         return "Cache flushed.\n"
 
-    def _health(self, req: Request):
+    def _health(self, req: Call):
         return ""
 
-    def _model_info(self, req: Request):
+    def _weight_version(self, req: Call):
+        return {"weight_version": str(self.engine.version)}
+
+    def _model_info(self, req: Call):
         return {"model_path": self.model_dir, "tokenizer_path": self.model_dir, "is_generation": True,
                 "weight_version": str(self.engine.version), "served_model_name": self.served_name,
                 "max_context_length": self.max_len}
 
-    def _server_info(self, req: Request):
+    def _server_info(self, req: Call):
         return {"engine": self.engine.name, "weight_version": str(self.engine.version),
                 "queued": self.queued, "max_queue": self.max_queue, "paused": self.paused,
-                "max_context_length": self.max_len, "served_model_name": self.served_name}
+                "max_context_length": self.max_len, "served_model_name": self.served_name, **self.counters}
 
 
 def load_state_dict(path: str, model=None) -> dict:
@@ -417,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
     p.add_argument("--max-queue", type=int, default=256, help="requests in flight before answering 503")
+    p.add_argument("--max-body-mb", type=float, default=16.0, help="request body limit (larger: 413)")
     p.add_argument("--engine", choices=["auto", "embedded", "hf"], default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -430,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tok = load_checkpoint(a.model, device=resolve_device(a.device), dtype=a.dtype)
         server = Server(make_engine(model.eval(), tok, a.engine), tok, model=model, model_dir=a.model,
                         served_name=a.served_model_name, host=a.host, port=a.port, api_key=a.api_key,
-                        max_queue=a.max_queue)
+                        max_queue=a.max_queue, max_body=int(a.max_body_mb * (1 << 20)))
         port = server.start()
     except (ModelLoadError, ValueError, OSError) as e:
         print(f"thinkrl serve: {e}")
