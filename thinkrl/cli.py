@@ -15,6 +15,7 @@ COMMANDS = {
     "simulate": "discrete-event model of sync vs async RL throughput",
     "puzzles": "generate task data (temporal-clue puzzles with CP-SAT)",
     "filter": "offline difficulty filter by pass rate (Light-R1)",
+    "report": "one self-contained HTML report of run directories (curves, cost frontier, summary table)",
     "serve": "HTTP inference server (SGLang-compatible native API + OpenAI subset)",
 }
 
@@ -136,6 +137,7 @@ HANDLERS = {
     "simulate": _delegate("thinkrl.tools.simulate"),
     "puzzles": _delegate("thinkrl.tasks.puzzles"),
     "filter": _delegate("thinkrl.tools.filter"),
+    "report": _delegate("thinkrl.tools.report"),
     "serve": _delegate("thinkrl.rollout.server"),
 }
 

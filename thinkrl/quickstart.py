@@ -2,6 +2,7 @@
 
 micro model -> SFT on an imperfect teacher's demonstrations -> eval -> RL (GRPO) -> eval
 [--control: from the same SFT checkpoint, more SFT for the RL phase's wall time -> eval]
+-> report.html over the phases' run dirs (sft/, rl/, sft_more/; each with its eval.json)
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from thinkrl.config import load_config
 from thinkrl.system.rundir import RunDir
 from thinkrl.system.setup import build_run, make_inference_engine
 from thinkrl.system.train import run_eval, train_rl, train_sft
+from thinkrl.tools.report import write_report
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart.yaml"
 
@@ -37,6 +39,7 @@ def quickstart(output: str = "runs/quickstart", control: bool = False, overrides
     engine = make_inference_engine(cfg, run.model, run.tokenizer)
     sft_eval = run_eval(cfg, engine, run, k=0)
     engine.close()
+    (sft_dir.path / "eval.json").write_text(json.dumps(sft_eval, indent=2))
     sft_seconds = time.perf_counter() - t0
     echo(f"  SFT: {cfg.train.sft_steps} steps, {sft_seconds:.0f}s, greedy accuracy {sft_eval['acc/greedy']:.3f}")
     sft_state = copy.deepcopy(run.model.state_dict()) if control else None
@@ -74,15 +77,18 @@ def quickstart(output: str = "runs/quickstart", control: bool = False, overrides
         engine = make_inference_engine(cfg, run.model, run.tokenizer)
         more_eval = run_eval(cfg, engine, run, k=0)
         engine.close()
+        (out / "sft_more" / "eval.json").write_text(json.dumps(more_eval, indent=2))
         summary.update(sft_more_accuracy=more_eval["acc/greedy"], sft_more_steps=more,
                        sft_more_seconds=time.perf_counter() - t2)
         echo(f"  SFT-more (control): {more} extra steps in {rl_seconds:.0f}s, greedy accuracy {more_eval['acc/greedy']:.3f}")
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    report = write_report([out / name for name in ("sft", "rl", "sft_more") if (out / name / "metrics.jsonl").exists()],
+                          out / "report.html")
     echo("")
     echo(format_table(summary))
-    echo(f"\nsummary: {out / 'summary.json'}   RL metrics: {out / 'rl' / 'metrics.jsonl'}")
+    echo(f"\nsummary: {out / 'summary.json'}   RL metrics: {out / 'rl' / 'metrics.jsonl'}   report: {report}")
     return summary
 
 
