@@ -4,6 +4,7 @@ import json
 import pytest
 
 from thinkrl.cli import main
+from thinkrl.tools.report import normalise_eval
 
 SHORT = ["train.sft_steps=4", "train.steps=2", "data.num_train=300", "data.num_eval=20", "eval.k=0",
          "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
@@ -21,6 +22,10 @@ def test_quickstart_short_writes_summary(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "SFT -> RL (GRPO)" in printed and "SFT, more (control)" in printed
     assert (out / "rl" / "metrics.jsonl").exists() and (out / "rl" / "config.yaml").exists()
+    for phase in ("sft", "sft_more"):  # each phase's evaluation beside its metrics, for the report
+        assert normalise_eval(json.loads((out / phase / "eval.json").read_text()))["pass@1"] == s[f"{phase}_accuracy"]
+    page = (out / "report.html").read_text()
+    assert "<title>thinkrl report: sft, rl, sft_more</title>" in page and "Plotly.newPlot(" in page
 
 
 @pytest.mark.slow
