@@ -158,11 +158,18 @@ def _read_roots() -> list[str]:
 
 
 def _hidden_dirs(work: str, stdlib: str) -> list[str]:
-    """Directories to cover with an empty tmpfs in the mount namespace: our working directory (the project)."""
-    cwd = os.path.realpath(os.getcwd())
-    keep = (work, stdlib, os.path.realpath(sys.executable))
+    """Directories covered by an empty read-only tmpfs in the mount namespace: our working directory (the
+    project) and the shared writable places (temp dirs, /run: host unix sockets live there). The parent of
+    `work` is covered too; the runner re-creates `work` inside it."""
     inside = lambda p, d: p == d or p.startswith(d.rstrip("/") + "/")
-    return [cwd] if cwd != "/" and not any(inside(k, cwd) for k in keep) else []
+    keep = (stdlib, os.path.realpath(sys.executable))
+    found = []
+    for d in (os.getcwd(), os.path.dirname(work), "/tmp", "/var/tmp", "/dev/shm", "/run"):
+        d = os.path.realpath(d)
+        if d != "/" and os.path.isdir(d) and d not in found and not any(inside(k, d) for k in keep) and \
+                (inside(work, d) <= (d == os.path.dirname(work))):
+            found.append(d)
+    return sorted(found, key=len)  # parents before children
 
 
 def _run(job: dict, total: int, timeout: float, memory_mb: int, total_timeout: float | None,
@@ -291,8 +298,14 @@ def confine(job):
             if point == "/":
                 raise
     uid, work = job["uid"], job["work"]
+    parent = os.path.dirname(work)
     for d in job["hide"]:
-        mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, "size=4k,mode=000")
+        if d == parent:  # an empty tmpfs holding only the mount point of the work dir
+            mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0755")
+            os.mkdir(work, 0o700)
+            mount(None, d, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0755")
+        else:
+            mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, "size=4k,mode=0755")
     mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV, f"size={job['work_mb']}m,mode=0700,uid={uid},gid={uid}")
     stdlib = os.path.join(work, ".stdlib")
     os.mkdir(stdlib, 0o555)
@@ -428,6 +441,11 @@ def main():
                 norm = lambda s: "\n".join(line.rstrip() for line in s.strip().splitlines())
                 verdict = "pass" if norm(out.getvalue()) == norm(expected) else "fail wrong output"
             report(i, verdict)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
     os._exit(0)
 
 main()
