@@ -308,3 +308,60 @@ def test_official_openai_client(served):
     assert got == pytest.approx(ref[: len(got)], abs=1e-4)
     with pytest.raises(openai.BadRequestError, match="context length"):
         client.completions.create(model="micro", prompt=PROMPT, max_tokens=1000)
+
+
+def reference_top(model, prompt, tokens, n):
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([prompt + tokens])).logits[0].float(), -1)
+    v, i = lp[len(prompt) - 1: len(prompt) - 1 + len(tokens)].topk(n, -1)
+    return i.tolist(), v.tolist()
+
+
+def test_top_logprobs_all_apis(served):
+    """logprobs=N (completions), top_logprobs=N (chat), top_logprobs_num=N (SGLang): the model's N most likely."""
+    _, port, model = served
+    status, out = call(port, "/v1/completions", {"model": "micro", "prompt": PROMPT, "max_tokens": 5,
+                                                 "temperature": 0, "logprobs": 3, "return_tokens_as_token_ids": True})
+    assert status == 200
+    lp = out["choices"][0]["logprobs"]
+    toks = [int(t.split(":")[1]) for t in lp["tokens"]]
+    ids, vals = reference_top(model, PROMPT, toks, 3)
+    for k, top in enumerate(lp["top_logprobs"]):  # greedy: the sampled token is the most likely, so 3 entries
+        assert top == pytest.approx({f"token_id:{i}": v for i, v in zip(ids[k], vals[k])}, abs=1e-4)
+    chat = {"model": "micro", "messages": [{"role": "user", "content": "1+2"}], "max_tokens": 5, "temperature": 0,
+            "logprobs": True, "top_logprobs": 2, "return_tokens_as_token_ids": True}
+    status, out = call(port, "/v1/chat/completions", chat)
+    content = out["choices"][0]["logprobs"]["content"]
+    for k, e in enumerate(content):
+        assert [a["token"] for a in e["top_logprobs"]] == [f"token_id:{i}" for i in ids[k][:2]]
+        assert [a["logprob"] for a in e["top_logprobs"]] == pytest.approx(vals[k][:2], abs=1e-4)
+    status, out = call(port, "/generate", {**gen_body(5), "top_logprobs_num": 2})
+    top = out["meta_info"]["output_top_logprobs"]
+    assert [[a[1] for a in t] for t in top] == [i[:2] for i in ids[: len(top)]]
+    assert call(port, "/v1/chat/completions", {**chat, "logprobs": False})[0] == 400  # top_logprobs needs logprobs
+
+
+def test_official_openai_client_streams(served):
+    """The OpenAI SDK streams completions and chat (SSE chunks, then [DONE]); the pieces join to the
+    non-streamed answer; include_usage adds the usage chunk; top-N log-probs arrive per chunk."""
+    openai = pytest.importorskip("openai")
+    _, port, model = served
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
+    args = dict(model="micro", prompt=PROMPT, max_tokens=6, temperature=0)
+    whole = client.completions.create(**args)
+    chunks = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True},
+                                            logprobs=2))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    per_token = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert len(per_token) == whole.usage.completion_tokens and all(len(p.top_logprobs[0]) >= 2 for p in per_token)
+    msgs = [{"role": "user", "content": "1+2"}]
+    whole = client.chat.completions.create(model="micro", messages=msgs, max_tokens=6, temperature=0)
+    chunks = list(client.chat.completions.create(model="micro", messages=msgs, max_tokens=6, temperature=0,
+                                                 stream=True, logprobs=True, top_logprobs=3))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    tops = [c.choices[0].logprobs.content[0].top_logprobs for c in chunks if c.choices[0].logprobs]
+    assert tops and all(len(t) == 3 for t in tops)

@@ -127,8 +127,11 @@ class Server(OpenAIRoutes):
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="thinkrl serve", docs_url=None, redoc_url=None)
         for path, (methods, name) in ROUTES.items():
-            app.add_api_route(path, self._endpoint(getattr(self, name)), methods=methods, name=name.strip("_"),
-                              openapi_extra=ANY_JSON if "POST" in methods else None)
+            endpoint = self._endpoint(getattr(self, name))
+            for m in methods:  # one operation per method, each with its own id in /openapi.json
+                app.add_api_route(path, endpoint, methods=[m], name=name.strip("_"),
+                                  operation_id=f"{m.lower()}{path.replace('/', '_')}",
+                                  openapi_extra=ANY_JSON if m == "POST" else None)
 
         async def http_error(request, e: StarletteHTTPException):  # 404, 405 from routing
             kind = "not_found" if e.status_code == 404 else "invalid_request_error"
