@@ -157,10 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"thinkrl: error: unknown command {cmd!r}" + (f" (did you mean {close[0]!r}?)" if close else ""), file=sys.stderr)
         return 2
     from thinkrl.config import ConfigError
+    from thinkrl.errors import RunFault  # a run stopped by a fault (NaN steps, the engine process gone, a full disk)
 
     try:
         return HANDLERS[cmd](rest)
-    except (ConfigError, CLIError, ValueError, FileNotFoundError, KeyError) as e:
+    except (ConfigError, CLIError, ValueError, FileNotFoundError, KeyError, RunFault) as e:
         if os.environ.get("THINKRL_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -60,7 +60,12 @@ class TaskConfig:
     name: str = "arithmetic"  # registered name, or "pkg.module:Attr" import path
     params: dict = field(default_factory=dict)  # task-specific keyword arguments
     system_prompt: str = ""
-    reward_timeout: float = 10.0  # seconds per reward call
+    reward_timeout: float = 10.0  # seconds per reward call (0: no limit); past it the call scores 0 (reward/timeouts)
+    # where rewards run (thinkrl.tasks.isolation): auto (the task's declaration: worker processes for user rewards,
+    # inline for built-ins that cannot hang) | process (worker processes; a hang or crash kills and replaces the
+    # worker) | thread (a thread pool; a hang in one C call is abandoned, not stopped) | inline (the rollout loop)
+    reward_isolation: str = "auto"
+    reward_workers: int = 2  # reward worker processes (process) or threads (thread)
 
 
 @dataclass
@@ -121,6 +126,9 @@ class TrainConfig:
     sft_warmup_steps: int = 0
     save_every: int = 0  # RL and SFT steps between checkpoints (0: at the end only)
     keep_checkpoints: int = 2  # the newest checkpoints kept (older ones are deleted); resume falls back to them
+    # NaN/Inf in the loss or the gradient norm: the optimizer step is skipped (gradients dropped, weights, optimizer
+    # state and LR schedule unchanged) and counted (train/skipped_steps); this many in a row stop the run (0: never)
+    max_bad_steps: int = 3
 
 
 @dataclass
@@ -346,6 +354,10 @@ def validate(cfg: Config) -> Config:
     need(cfg.train.sft_lr > 0, "train.sft_lr", "must be > 0")
     need(cfg.train.sft_batch_size >= 1, "train.sft_batch_size", "must be >= 1")
     need(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    need(cfg.train.max_bad_steps >= 0, "train.max_bad_steps", "must be >= 0 (0: never stop)")
+    need(cfg.task.reward_timeout >= 0, "task.reward_timeout", "must be >= 0 (0: no limit)")
+    one_of("task.reward_isolation", ["auto", "process", "thread", "inline"])
+    need(cfg.task.reward_workers >= 1, "task.reward_workers", "must be >= 1")
     need(len(cfg.train.betas) == 2 and all(0 <= b < 1 for b in cfg.train.betas), "train.betas", "must be two numbers in [0, 1)")
     one_of("train.lr_schedule", ["constant", "cosine", "linear"])
     one_of("train.parallel", ["ddp", "fsdp2"])

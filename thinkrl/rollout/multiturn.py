@@ -32,8 +32,9 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from thinkrl.types import Generation, Sample, SamplingParams, Trajectory
 from thinkrl.rollout.workflow import SingleTurnWorkflow
+from thinkrl.tasks.isolation import Scorer
+from thinkrl.types import Generation, Sample, SamplingParams, Trajectory
 
 _MARK = "\u0001THINKRL_TOOL_SPLIT\u0001"
 _TAG = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -62,7 +63,7 @@ class ToolWorkflow(SingleTurnWorkflow):
 
     def __init__(self, task, tokenizer, params: SamplingParams, n: int, tools: dict[str, Callable] | None = None,
                  max_turns: int | None = None, max_total_tokens: int | None = None, mode: str = "inline",
-                 result_format: str = "<result>{}</result>", max_result_chars: int = 200, scorer=None):
+                 result_format: str = "<result>{}</result>", max_result_chars: int = 200, scorer: Scorer | None = None):
         self.tools = dict(getattr(task, "tools", {}) if tools is None else tools)
         for name, fn in self.tools.items():
             if not isinstance(name, str) or not _TAG.match(name):
@@ -174,13 +175,14 @@ class ToolWorkflow(SingleTurnWorkflow):
         first = await engine.generate(prompt, self.params, self.n)  # the n branches share the first prefill
         eps = await asyncio.gather(*[self._branch(engine, prompt, g, i) for i, g in enumerate(first)])
         texts = [self.tokenizer.decode(e.tokens, skip_special_tokens=True) for e in eps]
-        rewards = await self.score(texts, sample)
+        scored = await self.score(texts, sample)
         P, gid = len(prompt), group_id or sample.id
         return [
             Trajectory(
                 sample_id=sample.id, group_id=gid, tokens=prompt + e.tokens, loss_mask=[False] * P + e.mask,
                 logprobs=[0.0] * P + e.logprobs, versions=[-1] * P + e.versions, reward=r, finish=e.finish,
-                prompt_len=P, metrics={"text": t, "tool_calls": e.calls, "tool_errors": e.errors, "turns": e.turns},
+                prompt_len=P, metrics={"text": t, "reward_status": status, "tool_calls": e.calls, "tool_errors": e.errors,
+                                       "turns": e.turns},
             )
-            for e, t, r in zip(eps, texts, rewards)
+            for e, t, (r, status) in zip(eps, texts, scored)
         ]

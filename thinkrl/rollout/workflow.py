@@ -14,6 +14,7 @@ import copy
 from typing import Protocol
 
 from thinkrl.data.chat import encode_prompt
+from thinkrl.tasks.isolation import Scorer
 from thinkrl.types import Sample, SamplingParams, Trajectory
 
 
@@ -29,9 +30,11 @@ class Workflow(Protocol):
 class SingleTurnWorkflow:
     """One prompt, n sampled answers, each scored by the task's reward."""
 
-    def __init__(self, task, tokenizer, params: SamplingParams, n: int, scorer=None):
+    def __init__(self, task, tokenizer, params: SamplingParams, n: int, scorer: Scorer | None = None):
         self.task, self.tokenizer = task, tokenizer
-        self.scorer = scorer  # optional isolation pool: scorer(task, [(text, sample), ...]) -> rewards
+        # every reward goes through the scorer (thinkrl.tasks.isolation): a run's is make_scorer(task, cfg.task)
+        # (isolation, timeout); without one, rewards run inline with no time limit, a failure still scoring 0
+        self.scorer = scorer if scorer is not None else Scorer("inline", None)
         self._prompt_cache: dict[str, list[int]] = {}
         self._set_sampling(params, n)
 
@@ -54,17 +57,19 @@ class SingleTurnWorkflow:
             self._prompt_cache[sample.id] = ids
         return ids
 
-    async def score(self, texts: list[str], sample: Sample) -> list[float]:
-        """The task's reward of each response text (through the isolation pool when there is one)."""
-        if self.scorer is not None:
-            return list(await self.scorer(self.task, [(t, sample) for t in texts]))
-        return [float(self.task.reward(t, sample)) for t in texts]
+    async def score(self, texts: list[str], sample: Sample) -> list[tuple[float, str]]:
+        """(reward, status) of each response text, status "ok" | "error" | "timeout" (a failure scores 0)."""
+        return await self.scorer(self.task, [(t, sample) for t in texts])
+
+    def close(self) -> None:
+        """Stop the scorer's workers (copies from `with_sampling` share them)."""
+        self.scorer.close()
 
     async def run_episode(self, engine, sample: Sample, group_id: str | None = None) -> list[Trajectory]:
         ids = self.prompt_ids(sample)
         gens = await engine.generate(ids, self.params, self.n)
         texts = [self.tokenizer.decode(g.tokens, skip_special_tokens=True) for g in gens]
-        rewards = await self.score(texts, sample)
+        scored = await self.score(texts, sample)
         gid = group_id or sample.id
         P = len(ids)
         return [
@@ -72,9 +77,9 @@ class SingleTurnWorkflow:
                 sample_id=sample.id, group_id=gid, tokens=ids + g.tokens,
                 loss_mask=[False] * P + [True] * len(g.tokens), logprobs=[0.0] * P + list(g.logprobs),
                 versions=[-1] * P + list(g.versions), reward=r, finish=g.finish, prompt_len=P,
-                metrics={"text": t},
+                metrics={"text": t, "reward_status": status},
             )
-            for g, t, r in zip(gens, texts, rewards)
+            for g, t, (r, status) in zip(gens, texts, scored)
         ]
 
 

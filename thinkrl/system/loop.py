@@ -31,6 +31,8 @@ from thinkrl.algo.filters import DynamicSampler
 from thinkrl.data import batch_for_step
 from thinkrl.system.rollouts import Producer
 from thinkrl.system.staleness import Group, StalenessBuffer, staleness_metrics
+from thinkrl.tasks.isolation import reward_fault_metrics
+from thinkrl.train.engine import stop_on_bad_steps
 
 
 def needs_old_logprobs(acfg) -> bool:
@@ -133,6 +135,7 @@ def run_loop(cfg, trainer, engine, sync, workflow, train_samples, start_step: in
             stale = staleness_metrics(trajs, trainer.version, eta)
             if stale["staleness/max"] > eta:  # the buffer guarantees this; never train on it if it breaks
                 raise RuntimeError(f"staleness {stale['staleness/max']} > rollout.max_staleness={eta}")
+            m.update(reward_fault_metrics(trajs))  # rewards that failed (scored 0): errors, timeouts
             m.update(train_on(cfg, trainer, critic, trajs))
             t2, c2 = time.perf_counter(), time.thread_time()
             producer.publish(trainer, trainer.version)
@@ -152,6 +155,7 @@ def run_loop(cfg, trainer, engine, sync, workflow, train_samples, start_step: in
             m["groups"] = [g.index for g in groups]
             if on_step:
                 on_step(step, m)
+            stop_on_bad_steps(m, cfg.train.max_bad_steps, step)  # NaN/Inf steps in a row: stop before a checkpoint
             out_of_time = time_budget is not None and time.perf_counter() - t_start >= time_budget
             if step == end_step or out_of_time or (cfg.train.save_every and step % cfg.train.save_every == 0):
                 save(step)

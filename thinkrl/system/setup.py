@@ -14,6 +14,7 @@ from thinkrl.models.loading import NAMED_MODELS, load_checkpoint, load_policy
 from thinkrl.rollout.base import engine_class
 from thinkrl.rollout.workflow import SingleTurnWorkflow
 from thinkrl.tasks import make_task
+from thinkrl.tasks.isolation import make_scorer
 from thinkrl.types import SamplingParams
 
 
@@ -65,8 +66,11 @@ def build_run(cfg, model_dir: str | None = None) -> Run:
 
 
 def make_workflow(cfg, run: Run, scorer=None):
-    """Tool-using tasks (with `task.tools`) get the multi-turn workflow, the rest single-turn episodes."""
+    """Tool-using tasks (with `task.tools`) get the multi-turn workflow, the rest single-turn episodes. Rewards go
+    through `scorer`, by default the one cfg.task names (isolation, timeout, workers); `workflow.close()` stops it."""
     params = sampling_params(cfg, run.tokenizer)
+    if scorer is None:
+        scorer = make_scorer(run.task, cfg.task)
     if getattr(run.task, "tools", None):
         from thinkrl.rollout.multiturn import ToolWorkflow
 

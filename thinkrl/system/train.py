@@ -128,6 +128,7 @@ def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, 
         final = run_eval(cfg, eval_engine(), run, workflow=workflow)
     finally:
         engine.close()
+        workflow.close()
     final["steps"] = last
     (rundir.path / "eval.json").write_text(json.dumps(final, indent=2))
     return final
@@ -174,7 +175,7 @@ def train_sft(cfg, run=None, rundir: RunDir | None = None, steps: int | None = N
             save(step)
 
     done = run_sft(trainer, examples, end, cfg.train.sft_batch_size, seed=cfg.run.seed,
-                   start_step=start_step, time_budget=time_budget, on_step=on_step)
+                   start_step=start_step, time_budget=time_budget, on_step=on_step, max_bad_steps=cfg.train.max_bad_steps)
     bar.close()
     if start_step + done != saved:
         save(start_step + done)

@@ -59,6 +59,8 @@ def has_carry(a: int, b: int) -> bool:
 class Arithmetic(Task):
     """Addition of two numbers of 1..max_digits digits; teacher drops carries on `drop_rate` of problems."""
 
+    reward_isolation = "inline"  # a boxed-string comparison
+
     def __init__(self, system_prompt: str = "", min_digits: int = 1, max_digits: int = 3,
                  drop_rate: float = 0.6, pad: bool = False, salt: str = "thinkrl", **params):
         super().__init__(system_prompt=system_prompt, **params)

@@ -30,6 +30,10 @@ class Task:
 
     name: str = "task"
     system_prompt: str = ""
+    # where task.reward_isolation=auto runs the reward (thinkrl.tasks.isolation): "process" (worker processes, a
+    # hang or crash is killed and the worker replaced) for any reward not known to be bounded; a built-in declares
+    # "inline" (on the rollout's event loop) only when its reward cannot hang: bounded parsing, no user code
+    reward_isolation: str = "process"
 
     def __init__(self, system_prompt: str = "", **params):
         if params:

@@ -62,6 +62,8 @@ def parse_number(text: str) -> Fraction | None:
 class Calculator(Task):
     """Expressions of `min_operands`..`max_operands` integers in [min_value, max_value] joined by `ops`."""
 
+    reward_isolation = "inline"  # a boxed number compared as a Fraction of <= 1000 characters
+
     def __init__(self, system_prompt: str = "", min_operands: int = 2, max_operands: int = 3, min_value: int = 2,
                  max_value: int = 99, ops: str = "+-*", tool: bool = True, few_shot: int = 0, **params):
         super().__init__(system_prompt=system_prompt, **params)

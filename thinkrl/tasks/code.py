@@ -63,6 +63,8 @@ def _text(x) -> str:
 class CodeTask(Task):
     """Reward = fraction of unit tests the extracted program passes (0 without a code block)."""
 
+    reward_isolation = "thread"  # the program runs in the sandbox's own subprocess with its own limits; the thread only waits on it
+
     def __init__(self, system_prompt: str = "", instruction: str = DEFAULT_INSTRUCTION, timeout: float = 5.0,
                  memory_mb: int = 1024, max_tests: int = 0, total_timeout: float = 0.0, **params):
         super().__init__(system_prompt=system_prompt, **params)

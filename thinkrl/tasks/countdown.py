@@ -125,6 +125,8 @@ def score(response: str, numbers: list[int], target: int, format_score: float = 
 class Countdown(Task):
     """Countdown numbers game; `generate` makes instances solvable by construction."""
 
+    reward_isolation = "inline"  # an AST walk of <= 300 characters with bounded values
+
     def __init__(self, system_prompt: str = "", num_numbers: int = 4, min_number: int = 1, max_number: int = 99,
                  min_target: int = 1, max_target: int = 100, format_score: float = 0.0, allow_pow: bool = False,
                  prompt_template: str = PROMPT, **params):

@@ -19,6 +19,11 @@ Modes:
 * ``"inline"``: the calling thread, with `call_with_timeout`; cheapest, same limits as "thread".
 
 `call_with_timeout(fn, timeout, *args)` works in any thread (unlike ``signal.alarm``).
+
+Training, evaluation and filtering score every response through one `Scorer` (built by `make_scorer` from
+``task.reward_isolation`` and ``task.reward_timeout``), which the task's Workflow awaits: the engine's event loop
+keeps stepping while rewards are computed elsewhere. ``auto`` isolation is the task's own declaration
+(`Task.reward_isolation`): ``process`` for user rewards, ``inline`` only for built-ins whose reward cannot hang.
 """
 from __future__ import annotations
 
@@ -339,3 +344,42 @@ class RewardPool:
                 w.kill()
             for fut, *_ in pending:
                 _set_result(fut, (0.0, "error"))
+
+
+# ----------------------------------------------------------------------------- the one path of a run's rewards
+
+ISOLATION = ("auto", "process", "thread", "inline")  # task.reward_isolation
+
+
+class Scorer:
+    """``await scorer(task, [(response, sample), ...])`` -> ``[(reward, status), ...]`` in order, through one
+    RewardPool. Process and thread pools run off the calling event loop (their futures are awaited); inline runs
+    on it, which only tasks that declare their reward cannot hang choose under ``auto``."""
+
+    def __init__(self, mode: str, timeout: float | None, num_workers: int = 2):
+        self.mode = mode
+        self.pool = RewardPool(num_workers=num_workers, timeout=timeout, mode=mode)
+
+    async def __call__(self, task, items: list[tuple[str, object]]) -> list[tuple[float, str]]:
+        return list(await asyncio.gather(*[asyncio.wrap_future(self.pool.submit(task, r, s)) for r, s in items]))
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def resolved_isolation(task, choice: str) -> str:
+    """``auto``: the task's declaration (`Task.reward_isolation`); otherwise the configured mode."""
+    if choice not in ISOLATION:
+        raise ValueError(f"task.reward_isolation: unknown value {choice!r}; valid: {', '.join(ISOLATION)}")
+    return task.reward_isolation if choice == "auto" else choice
+
+
+def make_scorer(task, tcfg) -> Scorer:
+    """The scorer of a run from its TaskConfig (reward_isolation, reward_timeout, reward_workers)."""
+    return Scorer(resolved_isolation(task, tcfg.reward_isolation), tcfg.reward_timeout or None, tcfg.reward_workers)
+
+
+def reward_fault_metrics(trajs) -> dict[str, float]:
+    """``reward/errors`` and ``reward/timeouts``: responses of `trajs` whose reward failed and scored 0."""
+    statuses = [t.metrics.get("reward_status", "ok") for t in trajs]
+    return {"reward/errors": float(statuses.count("error")), "reward/timeouts": float(statuses.count("timeout"))}

@@ -218,6 +218,10 @@ def load_math(path: str | Path, limit: int | None = None) -> list[Sample]:
 class MathTask(Task):
     """Prompt = problem + `instruction`; reward 1 if the last box (or `answer_regex`) matches the gold answer."""
 
+    # math-verify runs SymPy: its own timeout (`timeout`, in-thread) cannot stop one long C call, and the inputs
+    # known to cause one are rejected first, but not provably all of them: a worker process can be killed
+    reward_isolation = "process"
+
     def __init__(self, system_prompt: str = "", instruction: str = DEFAULT_INSTRUCTION, answer_regex: str = "",
                  timeout: float = 5.0, **params):
         super().__init__(system_prompt=system_prompt, **params)
@@ -243,6 +247,11 @@ class MathTask(Task):
         if answer is None or not answer or len(answer) > MAX_ANSWER_CHARS:
             return 0.0
         return 1.0 if verify(f"\\boxed{{{answer}}}", gold_answer(sample.answer), timeout=self.timeout) else 0.0
+
+    def __setstate__(self, state: dict) -> None:
+        """A reward worker unpickles the task before its first timed call: import math-verify (and SymPy) now."""
+        self.__dict__.update(state)
+        import math_verify  # noqa: F401
 
     def demonstration(self, sample: Sample, rng=None) -> str:
         return f"The answer is \\boxed{{{gold_answer(sample.answer)}}}."

@@ -201,6 +201,8 @@ def load_puzzles(path: str | Path, limit: int | None = None) -> list[Sample]:
 class TemporalClue(Task):
     """Reward = fraction of questions answered correctly (`score`)."""
 
+    reward_isolation = "inline"  # a few regex searches of escaped keys
+
     def __init__(self, system_prompt: str = "", difficulty: str = "medium", suspects: int | None = None,
                  weapons: int | None = None, rooms: int | None = None, times: int | None = None,
                  motives: bool | None = None, questions: list[str] | None = None, bonus: int | None = None, **params):

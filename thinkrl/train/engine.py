@@ -15,7 +15,21 @@ import torch
 
 from thinkrl.algo import get_loss
 from thinkrl.algo.losses import LossInput, reduce_metrics
+from thinkrl.errors import RunFault
 from thinkrl.types import Batch, Trajectory
+
+
+class NumericalFault(RunFault):
+    """train.max_bad_steps optimizer steps in a row had NaN/Inf in the loss or the gradients."""
+
+
+def stop_on_bad_steps(metrics: dict, max_bad_steps: int, step: int) -> None:
+    """Raise NumericalFault naming `step` when the trainer's metrics show `max_bad_steps` (> 0) bad steps in a row."""
+    bad = int(metrics.get("train/bad_steps_in_row", 0))  # absent: no policy step this time (critic warm-up)
+    if max_bad_steps and bad >= max_bad_steps:
+        raise NumericalFault(f"step {step}: {bad} optimizer steps in a row had NaN/Inf in the loss or gradients and "
+                             f"were skipped (train.max_bad_steps={max_bad_steps}); stopped, the checkpoints and "
+                             "metrics written before are kept")
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -72,7 +86,8 @@ class TrainEngine:
             self.dist.share("init", tcfg, acfg, lr, total_steps, autocast_bf16, warmup_steps)
             self.model = self.dist.wrap(model)  # DDP / FSDP2, before the optimizer sees the parameters
         self.device = next(model.parameters()).device
-        self.version = 0
+        self.version = 0  # optimizer steps taken, a skipped one (NaN/Inf) too: the policy version
+        self.skipped_steps = self.bad_in_row = 0  # steps skipped for NaN/Inf: in all, and the current run of them
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params, lr=lr if lr is not None else acfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay,
@@ -179,6 +194,7 @@ class TrainEngine:
         for _ in range(self.acfg.ppo_epochs):
             self.optimizer.zero_grad(set_to_none=True)
             per_mb = []
+            loss_sum = 0.0
             for j, (group, mb) in enumerate(mbs):
                 if self.dist:
                     self.dist.grad_sync(self.model, j == len(mbs) - 1)
@@ -201,12 +217,12 @@ class TrainEngine:
                 loss, m = loss_fn(inp, self.acfg)
                 (loss * self.world_size).backward()  # ranks' gradients are averaged: see train/distributed.py
                 per_mb.append(m)
-            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip or float("inf"))
-            self.optimizer.step()
-            self.scheduler.step()
+                loss_sum += m["loss/total"]
+            gnorm = self._optimizer_step(loss_sum)
         self.version += 1
         out = self.dist.reduce_metrics(per_mb) if self.dist else reduce_metrics(per_mb)  # metrics of the last epoch
-        out["grad/norm"] = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+        out["grad/norm"] = gnorm
+        out.update(self._skip_metrics())
         out["lr"] = self.scheduler.get_last_lr()[0]
         out["perf/train_seconds"] = time.perf_counter() - t0
         out["perf/train_tokens"] = float(sum(len(t.tokens) for t in trajs))
@@ -226,12 +242,30 @@ class TrainEngine:
             (loss * self.world_size).backward()
             total += float(loss.detach())
         total = self.dist.sum(total) if self.dist else total
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip or float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
+        gnorm = self._optimizer_step(total)
         self.version += 1
-        return {"loss/sft": total, "grad/norm": float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm),
-                "lr": self.scheduler.get_last_lr()[0]}
+        return {"loss/sft": total, "grad/norm": gnorm, "lr": self.scheduler.get_last_lr()[0], **self._skip_metrics()}
+
+    # ------------------------------------------------------------------ the NaN guard
+    def _optimizer_step(self, loss: float) -> float:
+        """Clip and step, unless the loss or the gradient norm is NaN/Inf: then the gradients are dropped and the
+        weights, the optimizer state and the LR schedule stay as they were (the schedule counts applied updates);
+        the skip is counted. Returns the gradient norm (before clipping)."""
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip or float("inf"))
+        g = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)  # the all-reduced gradients' norm
+        # data parallel: decided on that norm alone, the same on every rank (a rank's NaN loss makes it NaN too)
+        if math.isfinite(g) and (self.dist is not None or math.isfinite(loss)):
+            self.optimizer.step()
+            self.scheduler.step()
+            self.bad_in_row = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self.bad_in_row += 1
+        return g
+
+    def _skip_metrics(self) -> dict[str, float]:
+        return {"train/skipped_steps": float(self.skipped_steps), "train/bad_steps_in_row": float(self.bad_in_row)}
 
     # ------------------------------------------------------------------ weights & state
     def export_weights(self) -> dict[str, torch.Tensor]:
@@ -246,7 +280,8 @@ class TrainEngine:
         if self.dist:
             self.dist.share("state_dict")
         optim = self.dist.optimizer_state(self.model, self.optimizer) if self.dist else self.optimizer.state_dict()
-        return {"optimizer": optim, "scheduler": self.scheduler.state_dict(), "version": self.version}
+        return {"optimizer": optim, "scheduler": self.scheduler.state_dict(), "version": self.version,
+                "skipped_steps": self.skipped_steps, "bad_in_row": self.bad_in_row}
 
     def load_state_dict(self, state: dict) -> None:
         """Data parallel: called on rank 0 after its model got the checkpoint's weights; every rank gets both."""
@@ -257,3 +292,4 @@ class TrainEngine:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.version = state["version"]
+        self.skipped_steps, self.bad_in_row = state.get("skipped_steps", 0), state.get("bad_in_row", 0)  # older: none

@@ -6,6 +6,7 @@ import time
 from typing import Callable
 
 from thinkrl.data.chat import encode_example
+from thinkrl.train.engine import stop_on_bad_steps
 from thinkrl.types import Sample
 
 
@@ -48,9 +49,11 @@ class BatchOrder:
 
 
 def run_sft(engine, examples, steps: int, batch_size: int, seed: int = 0, start_step: int = 0,
-            time_budget: float | None = None, on_step: Callable[[int, dict], None] | None = None) -> int:
+            time_budget: float | None = None, on_step: Callable[[int, dict], None] | None = None,
+            max_bad_steps: int = 0) -> int:
     """Train from step `start_step` up to step `steps` (or until `time_budget` seconds pass). Step s trains on
-    `BatchOrder(len(examples), batch_size, seed).batch(s)`. Returns the number of steps done."""
+    `BatchOrder(len(examples), batch_size, seed).batch(s)`. Returns the number of steps done. `max_bad_steps` (> 0)
+    NaN/Inf steps in a row raise NumericalFault after that step's `on_step` (train.max_bad_steps)."""
     order = BatchOrder(len(examples), batch_size, seed)
     t0 = time.perf_counter()
     step = start_step
@@ -59,6 +62,7 @@ def run_sft(engine, examples, steps: int, batch_size: int, seed: int = 0, start_
         step += 1
         if on_step:
             on_step(step, m)
+        stop_on_bad_steps(m, max_bad_steps, step)
         if time_budget is not None and time.perf_counter() - t0 >= time_budget:
             break
     return step - start_step

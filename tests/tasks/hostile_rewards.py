@@ -1,0 +1,55 @@
+"""Reward functions that misbehave, in a module that imports little: a reward worker process unpickles them
+(importing this module) each time it is started or replaced."""
+from __future__ import annotations
+
+import os
+import time
+import zlib
+
+from thinkrl.tasks.arithmetic import Arithmetic
+from thinkrl.tasks.base import Task
+from thinkrl.types import Sample
+
+
+def fault_of(response: str) -> str:
+    """What `Hostile` does with a response: a pure function of its text (each fault on 1/16 of the texts)."""
+    return {0: "sleep", 1: "spin", 2: "crash", 3: "raise"}.get(zlib.crc32(response.encode()) % 16, "ok")
+
+
+def expected(response: str) -> tuple[float, str]:
+    """(reward, status) the scorer must give `Hostile` for a response."""
+    kind = fault_of(response)
+    if kind == "ok":
+        return float(len(response) % 3) / 2, "ok"
+    return 0.0, "timeout" if kind in ("sleep", "spin") else "error"
+
+
+class Hostile(Arithmetic):
+    """Arithmetic prompts; a reward that hangs in C (sleep), hangs in Python (spin), kills its process or raises,
+    depending on the response. A user task: its rewards run in worker processes."""
+
+    reward_isolation = "process"
+
+    def reward(self, response: str, sample: Sample) -> float:
+        kind = fault_of(response)
+        if kind == "sleep":
+            time.sleep(120)
+        elif kind == "spin":
+            while True:
+                pass
+        elif kind == "crash":
+            os._exit(7)
+        elif kind == "raise":
+            raise RuntimeError("broken reward")
+        return float(len(response) % 3) / 2
+
+
+class SlowOn(Task):
+    """Reward 1, but the sample "slow" hangs in one C call for a minute."""
+
+    reward_isolation = "process"
+
+    def reward(self, response: str, sample: Sample) -> float:
+        if sample.id == "slow":
+            time.sleep(60)
+        return 1.0
