@@ -64,8 +64,8 @@ def test_split_invariance_every_mode_and_loss(seed, lens, data):
     for agg in registered_loss_aggs():
         for name in registered_losses():
             cfg = AlgoConfig(loss=name, loss_agg=agg, kl_coef=0.05, entropy_coef=0.01, dual_clip=3.0,
-                             clip_low=0.1, clip_high=0.15, tis_level="none" if name == "decoupled_ppo" else "sequence",
-                             behav_weight_cap=1.3)
+                             clip_low=0.1, clip_high=0.15, behav_weight_cap=1.3, mis_low=0.8, mis_high=1.2,
+                             rollout_correction="none" if name == "decoupled_ppo" else "mis+tis_sequence")
             whole = _loss_input(b, everything, num_tokens, num_seqs, max_len)
             full, m_full = get_loss(name)(whole, cfg)
             parts = [_loss_input(b, s, num_tokens, num_seqs, max_len) for s in (first, ~first)]

@@ -74,18 +74,23 @@ def test_dual_clip_bound_holds(advs, log_ratio_scale, c):
 
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.floats(-10, 10), min_size=1, max_size=10), st.floats(0.0, 0.5), st.floats(0.0, 0.5))
-def test_ratio_one_clipping_inactive(advs, lo, hi):
+def test_ratio_one_is_the_unclipped_policy_gradient(advs, lo, hi):
+    # at ratio 1 every loss (cispo and sapo included) has the gradient of -A r: -A / num_tokens per token
     for name in registered_losses():
         inp = make([1.0] * len(advs), advs, behav=[-1.0] * len(advs))
-        loss, m = get_loss(name)(inp, AlgoConfig(loss=name, clip_low=lo, clip_high=hi, dual_clip=2.0))
+        dual = 2.0 if name in ("ppo", "decoupled_ppo", "gspo") else 0.0
+        loss, m = get_loss(name)(inp, AlgoConfig(loss=name, clip_low=lo, clip_high=hi, dual_clip=dual))
         assert m["clip/frac"] == 0.0
-        assert loss.item() == pytest.approx(-sum(advs) / len(advs), abs=1e-9)
+        if name != "sapo":  # sapo's value at r = 1 is -(2 / tau) A: only its gradient is the policy gradient's
+            assert loss.item() == pytest.approx(-sum(advs) / len(advs), abs=1e-9)
+        loss.backward()
+        assert torch.allclose(inp.logp.grad, -torch.tensor(advs, dtype=D) / len(advs), atol=1e-12), name
 
 
-@pytest.mark.parametrize("name", ["ppo", "decoupled_ppo", "gspo"])
+@pytest.mark.parametrize("name", ["ppo", "decoupled_ppo", "gspo", "cispo", "sapo"])
 def test_zero_advantage_zero_gradient(name):
     inp = make([1.3, 0.6, 1.0, 2.0], [0.0] * 4, seq_ids=[0, 0, 1, 1], behav=[-1.2, -0.9, -1.0, -1.5])
-    cfg = AlgoConfig(loss=name, dual_clip=3.0, tis_level="token" if name != "decoupled_ppo" else "none")
+    cfg = AlgoConfig(loss=name, dual_clip=3.0, rollout_correction="tis_token" if name != "decoupled_ppo" else "none")
     loss, _ = get_loss(name)(inp, cfg)
     loss.backward()
     assert loss.item() == 0.0
@@ -125,15 +130,15 @@ def test_tis_token_and_sequence():
     old = [-1.0, -1.0, -1.0]
     behav = [-1.0 - math.log(3.0), -1.0 - math.log(0.5), -1.0 - math.log(1.5)]
     adv = [1.0, 1.0, 1.0]
-    loss, m = get_loss("ppo")(make([1.0] * 3, adv, [0, 0, 1], old, behav), AlgoConfig(tis_level="token", tis_cap=2.0))
+    loss, m = get_loss("ppo")(make([1.0] * 3, adv, [0, 0, 1], old, behav), AlgoConfig(rollout_correction="tis_token", tis_cap=2.0))
     assert loss.item() == pytest.approx(-(2.0 + 0.5 + 1.5) / 3)  # min(3, 2), .5, 1.5
     assert m["is/tis_max"] == pytest.approx(3.0) and m["is/tis_clip_frac"] == pytest.approx(1 / 3)
-    loss, m = get_loss("ppo")(make([1.0] * 3, adv, [0, 0, 1], old, behav), AlgoConfig(tis_level="sequence", tis_cap=2.0))
+    loss, m = get_loss("ppo")(make([1.0] * 3, adv, [0, 0, 1], old, behav), AlgoConfig(rollout_correction="tis_sequence", tis_cap=2.0))
     assert loss.item() == pytest.approx(-(1.5 + 1.5 + 1.5) / 3)  # seq 0: 3 * .5 = 1.5; seq 1: 1.5
-    loss, _ = get_loss("ppo")(make([1.0] * 3, adv, [0, 0, 1], old, behav), AlgoConfig(tis_level="sequence", tis_cap=1.2))
+    loss, _ = get_loss("ppo")(make([1.0] * 3, adv, [0, 0, 1], old, behav), AlgoConfig(rollout_correction="tis_sequence", tis_cap=1.2))
     assert loss.item() == pytest.approx(-1.2)
     with pytest.raises(ValueError, match="behav_logp"):
-        get_loss("ppo")(make([1.0], [1.0]), AlgoConfig(tis_level="token"))
+        get_loss("ppo")(make([1.0], [1.0]), AlgoConfig(rollout_correction="tis_token"))
 
 
 def test_gspo_sequence_ratio():
@@ -153,6 +158,41 @@ def test_gspo_sequence_ratio():
     loss, _ = get_loss("gspo")(inp, cfg)
     loss.backward()
     assert torch.allclose(inp.logp.grad, torch.tensor([-1.0, -1.0], dtype=D))
+
+
+def test_cispo_hand_values():
+    # ratios 1.5 (A=+1), .5 (A=+1), 1.1 (A=-1) with the IS weight clipped to [0, 1.28] (clip_low 1: no lower bound)
+    cfg = AlgoConfig(loss="cispo", clip_low=1.0, clip_high=0.28)
+    inp = make([1.5, 0.5, 1.1], [1.0, 1.0, -1.0])
+    loss, m = get_loss("cispo")(inp, cfg)
+    assert loss.item() == pytest.approx((-1.28 - 0.5 + 1.1) / 3)  # value -w A per token
+    assert m["clip/frac"] == pytest.approx(1 / 3) and m["is/ratio_max"] == pytest.approx(1.5)
+    loss.backward()
+    # every token keeps its gradient: d/dlogp = -sg(w) A / num_tokens, the clipped token too (PPO would give 0)
+    assert torch.allclose(inp.logp.grad, torch.tensor([-1.28, -0.5, 1.1], dtype=D) / 3)
+    ppo_inp = make([1.5, 0.5, 1.1], [1.0, 1.0, -1.0])
+    get_loss("ppo")(ppo_inp, AlgoConfig(clip_high=0.28))[0].backward()
+    assert ppo_inp.logp.grad[0] == 0.0
+
+
+def test_sapo_soft_gate():
+    # f(r) = sigmoid(tau (r - 1)) * 4 / tau; l = -f(r) A; tau = 1 for A > 0, 2 for A < 0
+    cfg = AlgoConfig(loss="sapo", sapo_tau_pos=1.0, sapo_tau_neg=2.0)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    inp = make([1.5, 0.5, 2.0], [1.0, 2.0, -1.0])
+    loss, m = get_loss("sapo")(inp, cfg)
+    f = [sig(0.5) * 4, sig(-0.5) * 4, sig(2.0) * 2]
+    assert loss.item() == pytest.approx((-f[0] - 2 * f[1] + f[2]) / 3)
+    assert m["clip/frac"] == 0.0
+    loss.backward()
+    # d/dlogp = -A f'(r) r, f'(r) = 4 sigmoid'(tau (r - 1)); the gate decays smoothly (no hard zero)
+    dsig = lambda x: sig(x) * (1 - sig(x))  # noqa: E731
+    want = [-1.0 * 4 * dsig(0.5) * 1.5, -2.0 * 4 * dsig(-0.5) * 0.5, 1.0 * 4 * dsig(2.0) * 2.0]
+    assert torch.allclose(inp.logp.grad, torch.tensor(want, dtype=D) / 3)
+    # far from 1 the gradient vanishes (soft trust region), larger tau faster
+    far = make([8.0], [1.0])
+    get_loss("sapo")(far, cfg)[0].backward()
+    assert 0 < -far.logp.grad.item() < 0.05  # 4 sigmoid'(7) * 8 = 0.029; the unclipped gradient is 8
 
 
 def test_kl_in_loss_and_entropy_bonus():
@@ -192,5 +232,6 @@ def test_value_loss():
 
 
 def test_reduce_metrics():
-    out = reduce_metrics([{"clip/frac": 0.25, "is/ratio_max": 1.5}, {"clip/frac": 0.5, "is/ratio_max": 1.2}])
-    assert out == {"clip/frac": 0.75, "is/ratio_max": 1.5}
+    out = reduce_metrics([{"clip/frac": 0.25, "is/ratio_max": 1.5, "x_min": 0.9},
+                          {"clip/frac": 0.5, "is/ratio_max": 1.2, "x_min": 0.7}])
+    assert out == {"clip/frac": 0.75, "is/ratio_max": 1.5, "x_min": 0.7}

@@ -39,7 +39,7 @@ TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "mode
 
 
 def test_every_preset_is_listed():
-    assert len(PRESETS) >= 8 and QUICKSTART.exists()
+    assert len(PRESETS) >= 10 and QUICKSTART.exists()
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
@@ -57,6 +57,10 @@ def test_preset_runs_rl_loop(preset, tmp_path):
         bad = {k: v for k, v in r.items() if isinstance(v, float) and not math.isfinite(v)}
         assert not bad, bad
         assert {"loss/policy", "grad/norm", "reward/mean"} <= set(r)
+        # the engine's and the trainer's log-probs agree to float32 rounding on the same weights
+        assert r["mismatch/logp_abs_diff_max"] < 1e-3 and r["mismatch/ratio_out_frac"] == 0.0
+        if "mis" in cfg.algo.rollout_correction:
+            assert r["is/mis_masked_frac"] == 0.0 and "is/tis_max" in r
         assert 0.0 < r["reward/mean"] < 1.0  # mixed rewards: the advantages are not all zero
     if cfg.algo.advantage == "gae":
         assert all("loss/value" in r and "value/mean" in r for r in recs)

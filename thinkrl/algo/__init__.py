@@ -1,4 +1,5 @@
-"""RL objectives as pure functions on tensors: advantage estimators, policy losses, KL, aggregation.
+"""RL objectives as pure functions on tensors: advantage estimators, policy losses, rollout corrections, KL,
+aggregation.
 
 Each pluggable part is registered by name; configs refer to the names.
 """
@@ -7,20 +8,23 @@ from thinkrl.algo.registry import (  # noqa: F401
     KL_ESTIMATORS,
     LOSS_AGGS,
     LOSSES,
+    ROLLOUT_CORRECTIONS,
     UnknownNameError,
     get_advantage,
     get_kl,
     get_loss,
     get_loss_agg,
+    get_rollout_correction,
     register_advantage,
     register_kl,
     register_loss,
     register_loss_agg,
+    register_rollout_correction,
 )
 
 
 def _load_all() -> None:
-    from thinkrl.algo import advantages, aggregation, kl, losses  # noqa: F401
+    from thinkrl.algo import advantages, aggregation, corrections, kl, losses  # noqa: F401
 
 
 def registered_advantages() -> list[str]:
@@ -41,3 +45,8 @@ def registered_kl() -> list[str]:
 def registered_loss_aggs() -> list[str]:
     _load_all()
     return sorted(LOSS_AGGS)
+
+
+def registered_rollout_corrections() -> list[str]:
+    _load_all()
+    return sorted(ROLLOUT_CORRECTIONS)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 @dataclass
 class AlgoConfig:
     advantage: str = "grpo"  # grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline | gae | ppo_critic_free
-    loss: str = "ppo"  # ppo | decoupled_ppo | gspo
+    loss: str = "ppo"  # ppo | decoupled_ppo | gspo | cispo | sapo (registry: thinkrl.algo.losses)
     lr: float = 1e-3
     clip_low: float = 0.2
     clip_high: float = 0.2
@@ -39,9 +39,19 @@ class AlgoConfig:
     # --- aggregation: Dr.GRPO constant normaliser; 0 -> LossInput.max_len (the batch's max response length)
     max_len_norm: int = 0
     # --- off-policy corrections
-    tis_level: str = "none"  # none | token | sequence: truncated IS between engine and trainer log-probs
-    tis_cap: float = 2.0  # truncation C of the TIS weight min(w, C)
+    # engine vs trainer log-probs (registry: thinkrl.algo.corrections): none | tis_token | tis_sequence | mis |
+    # icepop | mis+tis_token | mis+tis_sequence (the combinations are declared there, one mask times one weight)
+    rollout_correction: str = "none"
+    tis_cap: float = 2.0  # tis_*: truncation C of the IS weight min(w, C)
+    mis_stat: str = "geometric"  # mis: geometric (mean_t log r per sequence) | sum (sum_t log r)
+    mis_low: float = 0.99  # mis: a sequence is kept when exp(statistic) is in [mis_low, mis_high]
+    mis_high: float = 1.01
+    icepop_low: float = 0.5  # icepop: tokens whose ratio leaves [icepop_low, icepop_high] are dropped
+    icepop_high: float = 5.0
     behav_weight_cap: float = 0.0  # decoupled_ppo: drop tokens whose behaviour weight > cap (0: no cap)
+    # --- sapo: temperatures of the soft gate for positive / negative advantages (tau_neg >= tau_pos)
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
     # --- reward shaping (thinkrl.algo.shaping)
     correct_threshold: float = 1.0  # a response is "correct" when its raw reward >= this
     overlong_buffer: float = 0.0  # DAPO soft overlong buffer: tokens if >= 1, fraction of max_len if < 1; 0: off
@@ -64,11 +74,24 @@ class AlgoConfig:
             if not cond:
                 raise ConfigError(f"algo.{key}: {msg}, got {getattr(self, key)!r}")
 
-        need(self.tis_level in ("none", "token", "sequence"), "tis_level", "must be none, token or sequence")
+        from thinkrl.algo import registered_rollout_corrections
+
+        if self.rollout_correction not in registered_rollout_corrections():
+            raise ConfigError(f"algo.rollout_correction: unknown value {self.rollout_correction!r}; "
+                              f"valid: {', '.join(registered_rollout_corrections())}")
         need(self.tis_cap > 0, "tis_cap", "must be > 0")
+        need(self.mis_stat in ("geometric", "sum"), "mis_stat", "must be geometric or sum")
+        need(0 < self.mis_low <= 1, "mis_low", "must be in (0, 1] (equal log-probs keep a sequence)")
+        need(self.mis_high >= 1, "mis_high", "must be >= 1 (equal log-probs keep a sequence)")
+        need(0 < self.icepop_low <= 1, "icepop_low", "must be in (0, 1] (equal log-probs keep a token)")
+        need(self.icepop_high >= 1, "icepop_high", "must be >= 1 (equal log-probs keep a token)")
         need(self.behav_weight_cap == 0 or self.behav_weight_cap > 1, "behav_weight_cap", "must be 0 (off) or > 1")
-        need(not (self.loss == "decoupled_ppo" and self.tis_level != "none"), "tis_level",
+        need(not (self.loss == "decoupled_ppo" and self.rollout_correction != "none"), "rollout_correction",
              "must be none with algo.loss=decoupled_ppo (its behaviour weight already corrects the mismatch)")
+        need(self.dual_clip == 0 or self.loss in ("ppo", "decoupled_ppo", "gspo"), "dual_clip",
+             f"applies to the PPO clip (ppo, decoupled_ppo, gspo); must be 0 with algo.loss={self.loss}")
+        need(self.sapo_tau_pos > 0, "sapo_tau_pos", "must be > 0")
+        need(self.sapo_tau_neg > 0, "sapo_tau_neg", "must be > 0")
         need(self.length_reward in ("none", "cosine"), "length_reward", "must be none or cosine")
         need(len(self.cosine_correct) == 2, "cosine_correct", "must be [reward at length 0, reward at max_len]")
         need(len(self.cosine_wrong) == 2, "cosine_wrong", "must be [reward at length 0, reward at max_len]")

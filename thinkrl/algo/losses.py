@@ -10,9 +10,9 @@ Total loss = agg(policy term * correction weight) + kl_coef * agg(k(logp, ref_lo
 
 Metrics are micro-batch *contributions*: means are already divided by the global counts, so the
 trainer sums them over micro-batches; keys ending in `_max` are reduced with max. `reduce_metrics`
-does exactly that. Names: loss/policy, loss/kl, loss/entropy, loss/total, clip/frac,
-clip/dual_frac, is/ratio_max, is/tis_max, is/tis_clip_frac, is/behav_weight_max,
-is/behav_masked_frac, kl/mean, entropy/mean.
+does exactly that (and `*_min` keys with min). Names: loss/policy, loss/kl, loss/entropy, loss/total,
+clip/frac, clip/dual_frac, is/ratio_max, is/behav_weight_max, is/behav_masked_frac, kl/mean, entropy/mean,
+and the rollout corrections' is/* (thinkrl.algo.corrections).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from thinkrl.algo.aggregation import seq_sums
-from thinkrl.algo.registry import get_kl, get_loss_agg, register_loss
+from thinkrl.algo.registry import get_kl, get_loss_agg, get_rollout_correction, register_loss
 
 
 @dataclass
@@ -51,11 +51,18 @@ def _frac(flag: torch.Tensor, inp: LossInput) -> float:
 
 
 def reduce_metrics(per_micro_batch: list[dict]) -> dict[str, float]:
-    """Combine loss metrics of micro-batches: sum, except `*_max` keys (max)."""
+    """Combine loss metrics of micro-batches: sum, except `*_max` keys (max) and `*_min` keys (min)."""
     out: dict[str, float] = {}
     for m in per_micro_batch:
         for k, v in m.items():
-            out[k] = (max(out[k], v) if k.endswith("_max") else out[k] + v) if k in out else v
+            if k not in out:
+                out[k] = v
+            elif k.endswith("_max"):
+                out[k] = max(out[k], v)
+            elif k.endswith("_min"):
+                out[k] = min(out[k], v)
+            else:
+                out[k] = out[k] + v
     return out
 
 
@@ -81,36 +88,16 @@ def _ratio(logp: torch.Tensor, old_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp((logp - old_logp).clamp(-20.0, 20.0))
 
 
-def tis_weights(inp: LossInput, cfg) -> tuple[torch.Tensor | None, dict]:
-    """Truncated importance sampling between the engine's and the trainer's log-probs
-    (Yao et al. 2025 "Your efficient RL framework secretly brings you off-policy RL"; Olmo 3):
-
-    token:    w_t = min(exp(old_logp_t - behav_logp_t), C)
-    sequence: w_i = min(exp(sum_t (old_logp_it - behav_logp_it)), C)  on every token of sequence i
-    with C = cfg.tis_cap; the weight is a constant (no gradient). Returns (None, {}) when off.
-    """
-    level = getattr(cfg, "tis_level", "none")
-    if level == "none":
-        return None, {}
-    if inp.behav_logp is None:
-        raise ValueError(f"algo.tis_level={level!r} needs LossInput.behav_logp (the inference engine's log-probs)")
-    log_w = ((inp.old_logp - inp.behav_logp) * inp.mask).detach()
-    if level == "sequence":
-        s, local = seq_sums(log_w, inp.seq_ids)
-        log_w = s[local]
-    elif level != "token":
-        raise ValueError(f"algo.tis_level: unknown value {level!r}; valid: none, sequence, token")
-    raw = torch.exp(log_w.clamp(-20.0, 20.0))
-    metrics = {"is/tis_max": masked_max(raw, inp.mask), "is/tis_clip_frac": _frac(raw > cfg.tis_cap, inp)}
-    return raw.clamp(max=cfg.tis_cap), metrics
+def rollout_weights(inp: LossInput, cfg) -> tuple[torch.Tensor, dict]:
+    """The per-token weight of algo.rollout_correction (thinkrl.algo.corrections) and its metrics."""
+    return get_rollout_correction(cfg.rollout_correction)(inp, cfg)
 
 
 def _finish(per_token, weight, ratio, clipped, dual, inp: LossInput, cfg, metrics: dict):
     """Weight, aggregate, add KL / entropy terms; fill the shared metrics."""
     mask = inp.mask
-    per_token = torch.where(mask > 0, per_token, torch.zeros_like(per_token))
-    if weight is not None:
-        per_token = per_token * weight
+    keep = mask > 0 if weight is None else (mask > 0) & (weight != 0)  # dropped tokens: exactly zero gradient
+    per_token = torch.where(keep, per_token if weight is None else per_token * weight, torch.zeros_like(per_token))
     agg = get_loss_agg(cfg.loss_agg)
     policy = agg(per_token, inp, cfg)
     loss = policy
@@ -147,10 +134,11 @@ def _finish(per_token, weight, ratio, clipped, dual, inp: LossInput, cfg, metric
 @register_loss("ppo")
 def ppo(inp: LossInput, cfg):
     """PPO clip on the token ratio r_t = pi(y_t) / pi_old(y_t) (see `clipped_surrogate`), optionally
-    multiplied by the truncated IS weight (`tis_weights`, cfg.tis_level) for the engine/trainer mismatch."""
+    multiplied by the rollout correction's weight (`rollout_weights`, cfg.rollout_correction) for the
+    engine/trainer mismatch."""
     ratio = _ratio(inp.logp, inp.old_logp)
     per_token, clipped, dual = clipped_surrogate(ratio, inp.advantages.detach(), cfg)
-    weight, metrics = tis_weights(inp, cfg)
+    weight, metrics = rollout_weights(inp, cfg)
     return _finish(per_token, weight, ratio, clipped, dual, inp, cfg, metrics)
 
 
@@ -185,15 +173,51 @@ def gspo(inp: LossInput, cfg):
     clipped instead of token ratios. Per token s_it = sg[s_i] * pi(y_t) / sg[pi(y_t)] (same value for
     every token of a sequence; same gradient as GSPO when the advantage is per sequence).
     Use the paper's small clip ranges (e.g. clip_low 3e-4, clip_high 4e-4) and seq-mean-token-mean.
-    cfg.tis_level applies as in `ppo`."""
+    cfg.rollout_correction applies as in `ppo`."""
     log_r = (inp.logp - inp.old_logp) * inp.mask
     sums, local = seq_sums(log_r.detach(), inp.seq_ids)
     counts, _ = seq_sums(inp.mask.to(log_r.dtype), inp.seq_ids)
     seq_log_s = (sums / counts.clamp(min=1))[local]
     ratio = torch.exp((seq_log_s + inp.logp - inp.logp.detach()).clamp(-20.0, 20.0))
     per_token, clipped, dual = clipped_surrogate(ratio, inp.advantages.detach(), cfg)
-    weight, metrics = tis_weights(inp, cfg)
+    weight, metrics = rollout_weights(inp, cfg)
     return _finish(per_token, weight, ratio, clipped, dual, inp, cfg, metrics)
+
+
+@register_loss("cispo")
+def cispo(inp: LossInput, cfg):
+    """CISPO (MiniMax-M1, MiniMax 2025, arXiv 2506.13585): clip the importance weight, not the update. Every token keeps its
+    gradient, scaled by the stop-gradient clipped ratio:
+
+    l_t = -sg(clip(r_t, 1 - clip_low, 1 + clip_high)) * A_t * log pi(y_t),  r_t = pi / pi_old.
+    Written as -sg(w_t) * A_t * pi(y_t) / sg(pi(y_t)) (the same gradient, value -w_t A_t). MiniMax-M1 sets
+    no lower bound (clip_low >= 1) and tunes clip_high; the paper aggregates with token-mean. clip/frac counts
+    the tokens whose weight was clipped; cfg.rollout_correction applies as in `ppo`."""
+    adv = inp.advantages.detach()
+    ratio = _ratio(inp.logp, inp.old_logp)
+    w = ratio.detach().clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
+    per_token = -w * adv * torch.exp(inp.logp - inp.logp.detach())
+    clipped = w != ratio.detach()
+    weight, metrics = rollout_weights(inp, cfg)
+    return _finish(per_token, weight, ratio, clipped, torch.zeros_like(clipped), inp, cfg, metrics)
+
+
+@register_loss("sapo")
+def sapo(inp: LossInput, cfg):
+    """SAPO ("Soft adaptive policy optimization", Qwen team 2025, arXiv 2511.20347): a smooth, temperature-controlled gate
+    on the token ratio instead of PPO's hard clip:
+
+    l_t = -f(r_t) * A_t,  f(r) = sigmoid(tau (r - 1)) * 4 / tau,  tau = sapo_tau_pos if A_t > 0 else sapo_tau_neg.
+    df/dr = 1 at r = 1 (the unclipped policy gradient on-policy) and decays smoothly away from it, faster for
+    larger tau (the paper: tau_pos 1.0 < tau_neg 1.05). No clip: clip_low / clip_high are not used and
+    clip/frac is 0. cfg.rollout_correction applies as in `ppo`."""
+    adv = inp.advantages.detach()
+    ratio = _ratio(inp.logp, inp.old_logp)
+    tau = torch.where(adv > 0, torch.full_like(adv, cfg.sapo_tau_pos), torch.full_like(adv, cfg.sapo_tau_neg))
+    per_token = -torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau) * adv
+    none = torch.zeros_like(ratio, dtype=torch.bool)
+    weight, metrics = rollout_weights(inp, cfg)
+    return _finish(per_token, weight, ratio, none, none, inp, cfg, metrics)
 
 
 def value_loss(

@@ -1,4 +1,5 @@
-"""Name -> function registries for advantage estimators, losses, KL estimators, loss aggregation."""
+"""Name -> function registries for advantage estimators, losses, KL estimators, loss aggregation and
+rollout corrections (engine vs trainer log-probs)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -7,6 +8,7 @@ ADVANTAGES: dict[str, Callable] = {}
 LOSSES: dict[str, Callable] = {}
 KL_ESTIMATORS: dict[str, Callable] = {}
 LOSS_AGGS: dict[str, Callable] = {}
+ROLLOUT_CORRECTIONS: dict[str, Callable] = {}
 
 
 class UnknownNameError(ValueError, KeyError):
@@ -42,6 +44,10 @@ def register_loss_agg(name: str):
     return _register(LOSS_AGGS, "loss aggregation", name)
 
 
+def register_rollout_correction(name: str):
+    return _register(ROLLOUT_CORRECTIONS, "rollout correction", name)
+
+
 def _get(table: dict, kind: str, name: str) -> Callable:
     from thinkrl.algo import _load_all
 
@@ -65,3 +71,7 @@ def get_kl(name: str) -> Callable:
 
 def get_loss_agg(name: str) -> Callable:
     return _get(LOSS_AGGS, "loss aggregation", name)
+
+
+def get_rollout_correction(name: str) -> Callable:
+    return _get(ROLLOUT_CORRECTIONS, "rollout correction", name)

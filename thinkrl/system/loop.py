@@ -29,6 +29,7 @@ import torch
 from thinkrl.algo.batch import gae_targets, group_indices, make_batch
 from thinkrl.algo.filters import DynamicSampler
 from thinkrl.data import batch_for_step
+from thinkrl.errors import RunFault
 from thinkrl.system.rollouts import Producer
 from thinkrl.system.staleness import Group, StalenessBuffer, staleness_metrics
 from thinkrl.tasks.isolation import reward_fault_metrics
@@ -36,9 +37,10 @@ from thinkrl.train.engine import stop_on_bad_steps
 
 
 def needs_old_logprobs(acfg) -> bool:
-    """A recompute pass for the old (proximal) policy's log-probs: several epochs, or TIS against it. With one
-    epoch decoupled PPO takes its proximal log-probs from the step's own forward (the weights before the step)."""
-    return acfg.ppo_epochs > 1 or acfg.tis_level != "none"
+    """A recompute pass for the old (proximal) policy's log-probs: several epochs, or a rollout correction against
+    it. With one epoch decoupled PPO takes its proximal log-probs from the step's own forward (the weights before
+    the step)."""
+    return acfg.ppo_epochs > 1 or acfg.rollout_correction != "none"
 
 
 def sample_lookup(cfg, train_samples) -> Callable[[int], object]:
@@ -161,6 +163,10 @@ def run_loop(cfg, trainer, engine, sync, workflow, train_samples, start_step: in
                 save(step)
             if out_of_time:
                 break
+    except RuntimeError as e:  # a rollout stopped by a fault (the engine process gone): its one line, not the wrap
+        if isinstance(e.__cause__, RunFault) and not isinstance(e, RunFault):
+            raise e.__cause__ from None
+        raise
     finally:
         producer.stop()
     return step

@@ -14,6 +14,7 @@ from contextlib import nullcontext
 import torch
 
 from thinkrl.algo import get_loss
+from thinkrl.algo.corrections import mismatch_metrics
 from thinkrl.algo.losses import LossInput, reduce_metrics
 from thinkrl.errors import RunFault
 from thinkrl.types import Batch, Trajectory
@@ -191,7 +192,8 @@ class TrainEngine:
         max_len = max((t.num_response_tokens for t in trajs), default=1)
         mbs = self.micro_batches(trajs, share_prompt=self.tcfg.share_prompt)
         self.model.train()
-        for _ in range(self.acfg.ppo_epochs):
+        gap = []  # mismatch/*: engine vs trainer log-probs, on the weights the step starts from (first epoch)
+        for epoch in range(self.acfg.ppo_epochs):
             self.optimizer.zero_grad(set_to_none=True)
             per_mb = []
             loss_sum = 0.0
@@ -217,10 +219,13 @@ class TrainEngine:
                 loss, m = loss_fn(inp, self.acfg)
                 (loss * self.world_size).backward()  # ranks' gradients are averaged: see train/distributed.py
                 per_mb.append(m)
+                if epoch == 0:
+                    gap.append(mismatch_metrics(logp.detach(), inp))
                 loss_sum += m["loss/total"]
             gnorm = self._optimizer_step(loss_sum)
         self.version += 1
         out = self.dist.reduce_metrics(per_mb) if self.dist else reduce_metrics(per_mb)  # metrics of the last epoch
+        out.update(self.dist.reduce_metrics(gap) if self.dist else reduce_metrics(gap))
         out["grad/norm"] = gnorm
         out.update(self._skip_metrics())
         out["lr"] = self.scheduler.get_last_lr()[0]
