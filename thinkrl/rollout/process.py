@@ -24,12 +24,14 @@ import concurrent.futures
 import itertools
 import logging
 import pickle
+import signal
 import threading
 import time
 
 import torch
 import torch.multiprocessing as tmp
 
+from thinkrl.errors import RunFault
 from thinkrl.rollout.base import EngineCaps, GenerateCall, InferenceEngine, register_engine
 from thinkrl.rollout.weights import CHANNELS, Receiver, as_state_dict, is_path, make_sender
 from thinkrl.types import Generation, SamplingParams
@@ -37,7 +39,7 @@ from thinkrl.types import Generation, SamplingParams
 log = logging.getLogger(__name__)
 
 
-class EngineProcessError(RuntimeError):
+class EngineProcessError(RunFault):
     """The engine process failed or died."""
 
 
@@ -151,6 +153,7 @@ class ProcessEngine(InferenceEngine):
         self._lock = threading.Lock()  # the pending table
         self._send_lock = threading.Lock()  # the pipe (a big message must not block the reader)
         self._closed = False
+        self._dead: str | None = None  # why the engine process is gone, once the reader has seen it go
         self._senders: dict = {}  # transport name -> weights sender, made on first use
         ctx = _context()
         self._conn, child_conn = ctx.Pipe()
@@ -184,6 +187,8 @@ class ProcessEngine(InferenceEngine):
 
     # ------------------------------------------------------------------ plumbing
     def _read(self) -> None:
+        """The one reader of the pipe. Its end (EOF: the process exited, was killed, or closed) fails every call
+        waiting on the engine process and every later one, so no wait on it outlives it."""
         while True:
             try:
                 _, rid, ok, payload = self._conn.recv()
@@ -193,23 +198,50 @@ class ProcessEngine(InferenceEngine):
                 loop, fut = self._pending.pop(rid, (None, None))
             if fut is not None:
                 _settle(loop, fut, payload if ok else _exception(*payload))
-        with self._lock:  # the process is gone: fail whatever still waits
+        self._proc.join(timeout=5)  # its exit code, when it has exited
+        why = self.exit_reason()
+        with self._lock:  # the process is gone: fail whatever still waits, and refuse new calls
+            self._dead = why
             pending, self._pending = self._pending, {}
         for loop, fut in pending.values():
-            _settle(loop, fut, EngineProcessError("the engine process exited"))
+            _settle(loop, fut, EngineProcessError(why))
+
+    def exit_reason(self) -> str:
+        """One line: the engine process, its pid and how it ended."""
+        code = self._proc.exitcode
+        if code is None:
+            how = "closed its pipe" if not self._closed else "was closed"
+        elif code < 0:
+            try:
+                how = f"was killed by {signal.Signals(-code).name} (exit code {code})"
+            except ValueError:
+                how = f"was killed by signal {-code} (exit code {code})"
+        else:
+            how = f"exited with code {code}"
+        return f"the engine process (rollout.placement=process, pid {self._proc.pid}) {how}"
+
+    def _register(self, rid: int, loop, fut) -> None:
+        with self._lock:
+            if self._dead is not None:
+                raise EngineProcessError(self._dead)
+            self._pending[rid] = (loop, fut)
 
     def _send(self, msg) -> None:
         with self._send_lock:
+            if self._dead is not None:
+                raise EngineProcessError(self._dead)
             if self._closed or not self._proc.is_alive():
-                raise EngineProcessError("the engine process is not running")
-            self._conn.send(msg)
+                raise EngineProcessError(self.exit_reason())
+            try:
+                self._conn.send(msg)
+            except OSError as e:  # the process died between the check and the write
+                raise EngineProcessError(f"{self.exit_reason()} ({e})") from None
 
     def control(self, op: str, *args) -> concurrent.futures.Future:
         """Send a control operation; the future holds its result once the engine process has done it."""
         rid = next(self._ids)
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        with self._lock:
-            self._pending[rid] = (None, fut)
+        self._register(rid, None, fut)
         try:
             self._send(("ctl", rid, op, args))
         except BaseException:
@@ -231,9 +263,13 @@ class ProcessEngine(InferenceEngine):
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         rid = next(self._ids)
-        with self._lock:
-            self._pending[rid] = (loop, fut)
-        self._send(("gen", rid, [(list(ids), params or SamplingParams(), n) for ids, params, n in requests]))
+        self._register(rid, loop, fut)
+        try:
+            self._send(("gen", rid, [(list(ids), params or SamplingParams(), n) for ids, params, n in requests]))
+        except BaseException:
+            with self._lock:
+                self._pending.pop(rid, None)
+            raise
         try:
             return await fut
         except asyncio.CancelledError:
