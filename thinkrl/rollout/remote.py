@@ -260,6 +260,10 @@ class RemoteEngine(InferenceEngine):
                     await self._release(st, s, k)
                 if attempt < self.max_retries:
                     await asyncio.sleep(min(self.retry_backoff * 2 ** attempt, 10.0))
+            if isinstance(last, DOWN) and all(o.dead_until > time.monotonic() for o in self.servers):
+                raise RemoteError(f"generate failed after {self.max_retries + 1} attempts: no server reachable "
+                                  f"({', '.join(o.url for o in self.servers)}); last error: "
+                                  f"{type(last).__name__}: {last}")
             raise RemoteError(f"generate failed after {self.max_retries + 1} attempts: {type(last).__name__}: {last}")
         finally:
             st.active -= 1
