@@ -10,7 +10,7 @@ COMMANDS = {
     "quickstart": "build the micro model, SFT it on an imperfect teacher, RL it, compare (CPU, minutes)",
     "train": "RL training from a config (sync or async)",
     "sft": "supervised fine-tuning on a task's demonstrations",
-    "eval": "accuracy of a checkpoint on the held-out split (greedy pass@1, mean@k)",
+    "eval": "pass@k, maj@k, avg@k, lengths and cost of models / a run's checkpoints on held-out problems",
     "bench": "benchmarks (generate, train, rl-step, async); --json for machine-readable output",
     "simulate": "discrete-event model of sync vs async RL throughput",
     "puzzles": "generate task data (temporal-clue puzzles with CP-SAT)",
@@ -79,19 +79,17 @@ def cmd_sft(argv: list[str]) -> int:
 
 def cmd_eval(argv: list[str]) -> int:
     p = _config_parser("eval", COMMANDS["eval"])
-    p.add_argument("--model", "-m", required=True, help="checkpoint / Hugging Face model directory")
+    p.add_argument("--model", "-m", action="append",
+                   help="HF model directory, checkpoint, a run's checkpoints/ (each checkpoint) or a run directory; "
+                        "repeatable (default: run.init_from, else model.path)")
+    p.add_argument("--output", "-o", help="write DIR/eval.json and DIR/per_problem.jsonl (several models: DIR/<name>/)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON lines instead of a table")
     a = p.parse_intermixed_args(argv)
     cfg = _load(a)
-    from thinkrl.system.setup import build_run, make_inference_engine
-    from thinkrl.system.train import run_eval
+    from thinkrl.system.evaluation import eval_models, format_table
 
-    run = build_run(cfg, model_dir=a.model)
-    engine = make_inference_engine(cfg, run.model, run.tokenizer)
-    try:
-        res = run_eval(cfg, engine, run)
-    finally:
-        engine.close()
-    print(json.dumps(res))
+    results = eval_models(cfg, a.model or [cfg.run.init_from or cfg.model.path], output=a.output)
+    print("\n".join(json.dumps(r) for r in results) if a.json else format_table(results))
     return 0
 
 

@@ -49,6 +49,9 @@ class DataConfig:
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     id_field: str = ""
+    # auto (the fields above when the file's first row has prompt_field, else the standard set its fields match) |
+    # gsm8k (question, answer "... #### n") | math500 (problem, answer, unique_id) | aime (problem, answer[, id])
+    format: str = "auto"
     num_train: int = 20000  # generated tasks: how many training problems
     num_eval: int = 500  # held-out problems for evaluation
     eval_fraction: float = 0.1  # file datasets without eval_path: fraction held out
@@ -134,15 +137,22 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # RL steps between evaluations (0: only at the end)
-    k: int = 4  # samples per problem for mean@k (0: greedy only)
+    k: int = 4  # samples per problem for pass@j (j <= k), maj@k, avg@k (0: greedy pass@1 only)
     temperature: float = 1.0
     max_new_tokens: int = 0  # 0: same as rollout.max_new_tokens
     batch_size: int = 256
+    price_per_mtok: float = 0.0  # USD per million generated tokens, for the cost figures (0: no cost)
 
 
 @dataclass
 class LogConfig:
     progress: bool = True
+    # where metrics go, each record under the same names: jsonl (RUN_DIR/metrics.jsonl, always written) |
+    # tensorboard (RUN_DIR/tensorboard) | wandb (RUN_DIR/wandb); the names registered in thinkrl.system.logs
+    backends: list[str] = field(default_factory=lambda: ["jsonl"])
+    wandb_mode: str = "offline"  # offline (no network; `wandb sync RUN_DIR/wandb/offline-run-*` uploads) | online
+    wandb_project: str = "thinkrl"
+    wandb_name: str = ""  # "": the run directory's name
 
 
 @dataclass
@@ -367,7 +377,17 @@ def validate(cfg: Config) -> Config:
     need(cfg.model.lora_r >= 0, "model.lora_r", "must be >= 0")
     need(cfg.data.num_eval >= 1, "data.num_eval", "must be >= 1")
     need(0 < cfg.data.eval_fraction < 1, "data.eval_fraction", "must be in (0, 1)")
+    from thinkrl.data.formats import FORMATS
+
+    one_of("data.format", list(FORMATS))
     need(cfg.eval.k >= 0, "eval.k", "must be >= 0")
+    need(cfg.eval.price_per_mtok >= 0, "eval.price_per_mtok", "must be >= 0")
+    from thinkrl.system.logs import sink_names  # the logging-sink registry
+
+    for name in cfg.log.backends:
+        if name not in sink_names():
+            raise ConfigError(f"log.backends: unknown backend {name!r}; valid: {', '.join(sink_names())}")
+    one_of("log.wandb_mode", ["offline", "online"])
     need(cfg.run.device == "auto" or cfg.run.device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"), "run.device", "must be auto, cpu, cuda[:N], mps or xpu")
 
     cfg.algo.validate()

@@ -41,7 +41,7 @@ def quickstart(output: str = "runs/quickstart", control: bool = False, overrides
     engine.close()
     (sft_dir.path / "eval.json").write_text(json.dumps(sft_eval, indent=2))
     sft_seconds = time.perf_counter() - t0
-    echo(f"  SFT: {cfg.train.sft_steps} steps, {sft_seconds:.0f}s, greedy accuracy {sft_eval['acc/greedy']:.3f}")
+    echo(f"  SFT: {cfg.train.sft_steps} steps, {sft_seconds:.0f}s, greedy accuracy {sft_eval['pass@1']:.3f}")
     sft_state = copy.deepcopy(run.model.state_dict()) if control else None
     sft_opt = copy.deepcopy(sft_trainer.state_dict()) if control else None
 
@@ -49,14 +49,14 @@ def quickstart(output: str = "runs/quickstart", control: bool = False, overrides
     t1 = time.perf_counter()
     rl_eval = train_rl(cfg, run=run, rundir=RunDir(out / "rl"))
     rl_seconds = time.perf_counter() - t1
-    echo(f"  RL: {rl_eval['steps']} steps, {rl_seconds:.0f}s, greedy accuracy {rl_eval['acc/greedy']:.3f}")
+    echo(f"  RL: {rl_eval['steps']} steps, {rl_seconds:.0f}s, greedy accuracy {rl_eval['pass@1']:.3f}")
     wall = time.perf_counter() - t_start
 
     summary = {
         "task": cfg.task.name,
         "teacher_accuracy": teacher,
-        "sft_accuracy": sft_eval["acc/greedy"],
-        "rl_accuracy": rl_eval["acc/greedy"],
+        "sft_accuracy": sft_eval["pass@1"],
+        "rl_accuracy": rl_eval["pass@1"],
         "rl_eval": rl_eval,
         "eval_problems": len(run.eval_samples),
         "sft_steps": cfg.train.sft_steps,
@@ -78,9 +78,9 @@ def quickstart(output: str = "runs/quickstart", control: bool = False, overrides
         more_eval = run_eval(cfg, engine, run, k=0)
         engine.close()
         (out / "sft_more" / "eval.json").write_text(json.dumps(more_eval, indent=2))
-        summary.update(sft_more_accuracy=more_eval["acc/greedy"], sft_more_steps=more,
+        summary.update(sft_more_accuracy=more_eval["pass@1"], sft_more_steps=more,
                        sft_more_seconds=time.perf_counter() - t2)
-        echo(f"  SFT-more (control): {more} extra steps in {rl_seconds:.0f}s, greedy accuracy {more_eval['acc/greedy']:.3f}")
+        echo(f"  SFT-more (control): {more} extra steps in {rl_seconds:.0f}s, greedy accuracy {more_eval['pass@1']:.3f}")
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

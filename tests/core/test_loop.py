@@ -25,7 +25,7 @@ def _weights(ckpt_dir):
 
 def test_train_writes_run_dir(tmp_path):
     res = train_rl(_cfg(tmp_path / "r", "train.steps=2"))
-    assert res["steps"] == 2 and 0.0 <= res["acc/greedy"] <= 1.0 and "acc/mean@2" in res
+    assert res["steps"] == 2 and 0.0 <= res["pass@1"] <= 1.0 and "avg@2" in res
     recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2]
     for key in ["reward/mean", "acc/mean", "group/all_correct_frac", "group/all_wrong_frac", "len/response_mean",

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from thinkrl.config import load_config
-from thinkrl.eval.evaluate import EVAL_SEED, evaluate, pass_at_k
+from thinkrl.eval.evaluate import EVAL_SEED, evaluate
+from thinkrl.eval.metrics import pass_at_k
 from thinkrl.rollout.workflow import SingleTurnWorkflow
 from thinkrl.system.setup import Run
 from thinkrl.system.train import run_eval
@@ -67,7 +68,9 @@ def test_tool_task_is_evaluated_with_its_tools(tok):
     samples = task.generate(5, seed=0)
     engine = Engine(tok, calculator_answer)
     res = run_eval(cfg, engine, make_run(cfg, tok, task, samples))
-    assert res == {"acc/greedy": 1.0, "reward/greedy": 1.0, "eval/n": 5, "acc/mean@2": 1.0, "pass@2": 1.0}
+    assert {k: res[k] for k in ("pass@1", "reward/greedy", "num_problems", "k", "pass@1/sampled", "avg@2", "pass@2",
+                                "maj@2")} == {"pass@1": 1.0, "reward/greedy": 1.0, "num_problems": 5, "k": 2,
+                                              "pass@1/sampled": 1.0, "avg@2": 1.0, "pass@2": 1.0, "maj@2": 1.0}
     assert all("</calc>" in c["params"].stop for c in engine.calls)  # generation stops at the tool call
     greedy = [c for c in engine.calls if c["params"].temperature == 0.0]
     sampled = [c for c in engine.calls if c["params"].temperature == 0.7]
@@ -78,7 +81,7 @@ def test_tool_task_is_evaluated_with_its_tools(tok):
     # the same engine without the tool loop never sees a result: every answer is wrong
     plain = SingleTurnWorkflow(task, tok, SamplingParams(max_new_tokens=64), cfg.rollout.n)
     out = evaluate(Engine(tok, calculator_answer), plain, samples, 64, correct_threshold=1.0)
-    assert out["acc/greedy"] == 0.0
+    assert out["pass@1"] == 0.0
 
 
 class GradedTask(Task):
@@ -96,7 +99,7 @@ def test_correct_threshold_is_honoured(tok, threshold, acc):
     samples = [Sample(id="a", prompt="full"), Sample(id="b", prompt="half")]
     engine = Engine(tok, lambda ctx, j: "full" if "full" in ctx else "half")
     res = run_eval(cfg, engine, make_run(cfg, tok, GradedTask(), samples))
-    assert res["acc/greedy"] == acc and res["reward/greedy"] == 0.75
+    assert res["pass@1"] == acc and res["reward/greedy"] == 0.75
 
 
 def test_sampled_mean_and_pass_at_k_in_batches(tok):
@@ -105,8 +108,8 @@ def test_sampled_mean_and_pass_at_k_in_batches(tok):
     engine = Engine(tok, lambda ctx, j: "full" if j >= 4 - int(re.findall(r"q(\d)", ctx)[-1]) else "half")
     wf = SingleTurnWorkflow(GradedTask(), tok, SamplingParams(max_new_tokens=8, stop_token_ids=[tok.eos_token_id]), 8)
     res = evaluate(engine, wf, samples, 16, correct_threshold=1.0, k=4, batch_size=8)
-    assert res["acc/greedy"] == 0.0 and res["reward/greedy"] == 0.5  # greedy is sample j=0: always 'half'
-    assert res["acc/mean@4"] == pytest.approx((0 + 1 + 2 + 3) / 16)
+    assert res["pass@1"] == 0.0 and res["reward/greedy"] == 0.5  # greedy is sample j=0: always 'half'
+    assert res["avg@4"] == res["pass@1/sampled"] == pytest.approx((0 + 1 + 2 + 3) / 16)
     assert res["pass@4"] == pytest.approx(3 / 4) == sum(pass_at_k(4, c, 4) for c in range(4)) / 4
     assert engine.max_inflight == {1: 4, 4: 2}  # batch_size 8: all 4 greedy prompts, then 2 prompts of k=4 at a time
     p = engine.calls[-1]["params"]

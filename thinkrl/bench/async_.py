@@ -178,7 +178,7 @@ def run_arm(cfg, model_dir: str, arm: str, a) -> dict:
     t = time.perf_counter()
     ev = evaluate(local, workflow, run.eval_samples, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
                   correct_threshold=cfg.algo.correct_threshold, k=0, batch_size=cfg.eval.batch_size)
-    res["accuracy"], res["eval_seconds"] = ev["acc/greedy"], time.perf_counter() - t
+    res["accuracy"], res["eval_seconds"] = ev["pass@1"], time.perf_counter() - t
     local.close()
     print(f"  {arm:6} {wall:7.1f}s  {res['tokens_per_s']:7.0f} tok/s  acc {res['accuracy']:.3f}  "
           f"load {res['load_before']:.1f}->{res['load_after']:.1f}")

@@ -208,15 +208,16 @@ def split_samples(samples: list[Sample], eval_fraction: float, seed: int) -> tup
 def load_splits(data_cfg, task, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
     """(train, eval) for a `DataConfig`: files when given, else the task's generator.
 
-    Files: `train_path` (+ `eval_path`, or a held-out `eval_fraction`), shuffled with `seed` when
-    `data_cfg.shuffle`. Generated: ``num_train`` samples from seed `seed` and ``num_eval`` from a
-    different seed, with eval prompts that also occur in train removed.
+    Files (read as `data_cfg.format`, thinkrl.data.formats): `train_path` (+ `eval_path`, or a held-out
+    `eval_fraction`), shuffled with `seed` when `data_cfg.shuffle`. Generated: ``num_train`` samples from seed
+    `seed` and ``num_eval`` from a different seed, with eval prompts that also occur in train removed.
     """
-    fields = dict(prompt_field=data_cfg.prompt_field, answer_field=data_cfg.answer_field, id_field=data_cfg.id_field)
+    from thinkrl.data.formats import load_formatted  # the standard math sets (data.format)
+
     if data_cfg.train_path:
-        train = load_samples(data_cfg.train_path, **fields)
+        train = load_formatted(data_cfg.train_path, data_cfg)
         if data_cfg.eval_path:
-            held = load_samples(data_cfg.eval_path, **fields)
+            held = load_formatted(data_cfg.eval_path, data_cfg)
             if data_cfg.shuffle:
                 train = shuffle_samples(train, seed)
         else:

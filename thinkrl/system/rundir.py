@@ -5,6 +5,8 @@
     ckpt = rundir.resume_checkpoint()                  # newest verified checkpoint (warns about bad ones)
     state = load_state(ckpt); set_rng_state(state["rng"]); ...
     rundir.save_checkpoint(step, model, tokenizer, {"trainer": ..., "rng": rng_state(), ...}, keep)
+    rundir.open_logs(cfg, start_step)                  # metrics.jsonl + log.backends (thinkrl/system/logs.py)
+    rundir.log({"step": 1, ...}); rundir.close_logs()  # close at the end and on errors
 
 The checkpoint format and its atomic write are in `thinkrl/system/checkpoint.py`.
 """
@@ -20,6 +22,7 @@ from thinkrl.config import Config, ConfigError
 from thinkrl.system.checkpoint import good_checkpoint, list_checkpoints, remove_leftovers, write_checkpoint
 # what a caller needs beside RunDir to resume, importable from here too
 from thinkrl.system.checkpoint import load_state, load_weights_into, rng_state, set_rng_state  # noqa: F401
+from thinkrl.system.logs import METRICS_FILE, Logger
 
 log = logging.getLogger("thinkrl")
 
@@ -57,7 +60,8 @@ class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.path / "metrics.jsonl"
+        self.metrics_path = self.path / METRICS_FILE
+        self.logger = Logger.open(self.path)  # metrics.jsonl only until open_logs
         self.config_path = self.path / "config.yaml"
         self.ckpt_root = self.path / "checkpoints"
 
@@ -69,9 +73,22 @@ class RunDir:
         cfg.save(self.config_path)
 
     # ------------------------------------------------------------------ metrics
+    def open_logs(self, cfg, start_step: int = 0) -> None:
+        """Log to metrics.jsonl and the sinks cfg.log.backends names; `start_step` > 0 continues a resumed run's
+        logs (after `truncate_metrics(start_step)`)."""
+        self.logger.close()
+        self.logger = Logger.open(self.path, cfg, start_step)
+
+    def close_logs(self) -> None:
+        """Flush and close the sinks; later records go to metrics.jsonl only."""
+        try:
+            self.logger.close()
+        finally:
+            self.logger = Logger.open(self.path)
+
     def log(self, record: dict) -> None:
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        """One metrics record (it carries an integer `step`) to every open sink."""
+        self.logger.log(record)
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics_path.exists():

@@ -41,7 +41,8 @@ def run_eval(cfg, engine, run, k: int | None = None, workflow=None) -> dict:
     at algo.correct_threshold."""
     return evaluate(engine, workflow or make_workflow(cfg, run), run.eval_samples, eval_max_tokens(cfg),
                     correct_threshold=cfg.algo.correct_threshold, k=cfg.eval.k if k is None else k,
-                    temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size)
+                    temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
+                    price_per_mtok=cfg.eval.price_per_mtok, extract_answer=run.task.extract_answer)
 
 
 def _adapters(policy) -> dict:
@@ -113,6 +114,7 @@ def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, 
 
     args = (workflow, run.train_samples, start, cfg.train.steps, on_step, save, time_budget, critic, restore)
     try:
+        rundir.open_logs(cfg, start)  # metrics.jsonl and log.backends; a resumed run continues its logs
         if cfg.cluster.backend == "ray":
             from thinkrl.system.ray_ import run_ray
 
@@ -128,6 +130,7 @@ def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, 
         final = run_eval(cfg, eval_engine(), run, workflow=workflow)
     finally:
         engine.close()
+        rundir.close_logs()
         workflow.close()
     final["steps"] = last
     (rundir.path / "eval.json").write_text(json.dumps(final, indent=2))
@@ -174,8 +177,12 @@ def train_sft(cfg, run=None, rundir: RunDir | None = None, steps: int | None = N
         if cfg.train.save_every and step % cfg.train.save_every == 0:
             save(step)
 
-    done = run_sft(trainer, examples, end, cfg.train.sft_batch_size, seed=cfg.run.seed,
-                   start_step=start_step, time_budget=time_budget, on_step=on_step, max_bad_steps=cfg.train.max_bad_steps)
+    rundir.open_logs(cfg, start_step)  # metrics.jsonl and log.backends; a resumed run continues its logs
+    try:
+        done = run_sft(trainer, examples, end, cfg.train.sft_batch_size, seed=cfg.run.seed, start_step=start_step,
+                       time_budget=time_budget, on_step=on_step, max_bad_steps=cfg.train.max_bad_steps)
+    finally:
+        rundir.close_logs()
     bar.close()
     if start_step + done != saved:
         save(start_step + done)

@@ -86,6 +86,9 @@ class Arithmetic(Task):
         return out
 
     # ------------------------------------------------------------------ reward
+    def extract_answer(self, response: str) -> str | None:
+        return last_boxed(response)
+
     def reward(self, response: str, sample: Sample) -> float:
         got = last_boxed(response)
         return 1.0 if got is not None and got == str(sample.answer) else 0.0

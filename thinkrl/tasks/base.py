@@ -53,6 +53,11 @@ class Task:
     def reward(self, response: str, sample: Sample) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def extract_answer(self, response: str) -> str | None:
+        """The final answer in a response, what maj@k votes over (None: the response gives none). Tasks that
+        grade an extracted answer override this; the default is the response with its whitespace normalised."""
+        return " ".join(response.split())
+
     # -- optional: generated data
     def generate(self, n: int, seed: int) -> list[Sample]:
         raise NotImplementedError(f"task {self.name!r} has no generator; set data.train_path")

@@ -124,6 +124,9 @@ class Calculator(Task):
         """Tag name -> function(text) -> result text, for `ToolWorkflow`."""
         return {"calc": calculate} if self.tool else {}
 
+    def extract_answer(self, response: str) -> str | None:
+        return last_boxed(response)
+
     def reward(self, response: str, sample: Sample) -> float:
         gold = parse_number(str(sample.answer))
         if gold is None:

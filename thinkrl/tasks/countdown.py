@@ -152,6 +152,9 @@ class Countdown(Task):
         text = self.prompt_template.format(numbers=nums, target=target)
         return super().build_prompt(Sample(id=sample.id, prompt=text))
 
+    def extract_answer(self, response: str) -> str | None:
+        return extract_expression(response)
+
     def reward(self, response: str, sample: Sample) -> float:
         nums, target = _numbers_target(sample)
         return score(response, nums, target, self.format_score, self.allow_pow)

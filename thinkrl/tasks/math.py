@@ -240,6 +240,9 @@ class MathTask(Task):
             msgs[-1]["content"] = f"{msgs[-1]['content']}\n{self.instruction}"
         return msgs
 
+    def extract_answer(self, response: str) -> str | None:
+        return extract_answer(response, self.answer_regex)
+
     def reward(self, response: str, sample: Sample) -> float:
         if sample.answer is None or str(sample.answer).strip() == "":
             raise ValueError(f"math sample {sample.id}: no gold answer (check data.answer_field)")
