@@ -12,14 +12,15 @@ itself, then runs the answer). How strongly it is confined depends on `isolation
   namespaces. In its mount namespace the runner remounts every mount read-only and ``nosuid``, mounts
   a size-limited tmpfs as its working directory, hides this process's working directory (the
   project), binds the standard library read-only inside its working directory, then drops to a fresh
-  unprivileged uid (one per call), with ``no_new_privs``. So: no file outside the working directory
-  can be written (kernel: read-only mounts), no network (an empty network namespace), no process
+  unprivileged uid (one per call), with ``no_new_privs`` and (x86_64) a seccomp filter that refuses
+  ``socket()``, new namespaces, io_uring, bpf and perf_event_open. So: no file outside the working
+  directory can be written (kernel: read-only mounts), no network and no host unix socket, no process
   outside can be seen or signalled, ``RLIMIT_NPROC`` bounds forks (it counts that uid), and when the
   runner exits the kernel kills everything left in its PID namespace (daemons too); a sweep by the
   uid kills anything that got out anyway.
-* ``"userns"`` (not root, unprivileged user namespaces work): PID, network and IPC namespaces
+* ``"userns"`` (not root, unprivileged user namespaces work): PID, network, IPC and UTS namespaces
   (``unshare -r``); the code runs as your own user, so writes outside the working directory are
-  refused only by the audit hook below, and ``RLIMIT_NPROC`` counts all your processes.
+  refused only by the audit hook below; ``RLIMIT_NPROC`` is your process count + `MAX_PROCESSES`.
 * ``"process"``: a session/process group killed as a whole, the limits below, the audit hook.
 
 In every mode: ``RLIMIT_AS`` (memory), ``RLIMIT_CPU``, ``RLIMIT_FSIZE``, ``RLIMIT_NOFILE``, no core
@@ -181,12 +182,14 @@ def _run(job: dict, total: int, timeout: float, memory_mb: int, total_timeout: f
     wall = total_timeout if total_timeout else timeout * (total + 1) + 2.0  # code + each test + interpreter start
     mode = isolation_mode() if namespaces is None or namespaces else "process"
     uid = UID_BASE + secrets.randbelow(UID_SPAN) if mode == "namespaces" else None
+    # RLIMIT_NPROC counts every process of the real uid (root is exempt): the sandbox uid has none of its own
+    nproc = MAX_PROCESSES if uid is not None or os.geteuid() == 0 else len(live_processes(os.getuid())) + MAX_PROCESSES
     with tempfile.TemporaryDirectory(prefix="thinkrl-sbx-") as tmp:
         work = os.path.realpath(tmp)
         stdlib = os.path.realpath(sysconfig.get_paths()["stdlib"])
         job.update(token=token, timeout=timeout, memory=memory_mb << 20, cpu=int(wall) + 1, read_roots=_read_roots(),
                    work=work, uid=uid, stdlib=stdlib, hide=_hidden_dirs(work, stdlib) if uid is not None else [],
-                   nproc=MAX_PROCESSES, work_mb=WORK_DIR_MB)
+                   nproc=nproc, work_mb=WORK_DIR_MB)
         with open(os.path.join(tmp, ".job.json"), "w") as f:
             json.dump(job, f)
         cmd = [sys.executable, "-I", "-S", "-c", RUNNER]
@@ -375,6 +378,8 @@ def main():
             pass
     if job["uid"] is not None:
         confine(job)
+    elif os.geteuid() != 0:
+        limit(resource.RLIMIT_NPROC, job["nproc"])
     report_fd = os.dup(1)
     out_fd = os.open("stdout.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.dup2(out_fd, 1)
