@@ -114,3 +114,20 @@ def test_code_runs_in_its_own_network_namespace():
     assert res.details == ["pass", "pass"]
     same = run_tests(probe, [f"assert ns == {mine!r}"], timeout=2, namespaces=False)
     assert same.details == ["pass"]
+
+
+@pytest.mark.skipif(not unshare_available(), reason="needs unshare")
+def test_a_host_that_breaks_the_confinement_falls_back_with_a_warning(monkeypatch):
+    import thinkrl.tasks.sandbox as sb
+
+    where = "def confine(job):\n" if os.geteuid() == 0 else "def main():\n"  # userns mode does not call confine
+    monkeypatch.setattr(sb, "RUNNER", sb.RUNNER.replace(where, where + "    raise OSError('mount refused here')\n", 1))
+    sb.isolation_mode.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning) as warned:
+            assert sb.isolation_mode() == "process"
+        assert "mount refused here" in " ".join(str(w.message) for w in warned)
+        with pytest.raises(RuntimeError, match="namespaces=True"):
+            run_tests("x = 1", ["assert x == 1"], namespaces=True)
+    finally:
+        sb.isolation_mode.cache_clear()

@@ -88,9 +88,24 @@ def isolation_mode() -> str:
     except (OSError, subprocess.SubprocessError):
         ok = False
     mode = ("namespaces" if os.geteuid() == 0 else "userns") if ok else "process"
+    if mode != "process":  # the whole confinement once, on a trivial program: a host that refuses a mount shows here
+        probe = _run({"mode": "assert", "code": "x = 1", "setup": "", "tests": ["assert x == 1"]}, 1, 5.0, 256, None, mode)
+        if probe.details != ["pass"]:
+            warnings.warn(f"thinkrl.tasks.sandbox: unshare works but the {mode} sandbox does not ({probe.stderr.strip()[-300:]}); "
+                          "falling back to process isolation", RuntimeWarning, stacklevel=2)
+            mode = "process"
     if mode == "process" and os.geteuid() == 0:
         warnings.warn("thinkrl.tasks.sandbox: running as root without working namespaces (unshare): untrusted code "
                       "is confined only by rlimits and an audit hook; see docs/real_models.md", RuntimeWarning, stacklevel=2)
+    return mode
+
+
+def _mode(namespaces: bool | None) -> str:
+    if namespaces is False:
+        return "process"
+    mode = isolation_mode()
+    if namespaces and mode == "process":
+        raise RuntimeError("sandbox: namespaces=True but unshare does not work here (see isolation_mode())")
     return mode
 
 
@@ -105,18 +120,18 @@ def run_tests(code: str, tests: list[str] | str, timeout: float = 5.0, memory_mb
 
     `timeout` is per test (running `code` itself gets one more); a test passes if it raises nothing.
     `total_timeout` (default: ``timeout * (tests + 1) + 2``) is the wall-clock limit of the whole process.
-    `namespaces`: None uses them when `isolation_mode()` has them; False forces "process" mode.
+    `namespaces`: None uses them when `isolation_mode()` has them; False forces "process" mode; True requires them.
     """
     tests = [tests] if isinstance(tests, str) else list(tests)
     job = {"mode": "assert", "code": code, "setup": setup, "tests": tests}
-    return _run(job, len(tests), timeout, memory_mb, total_timeout, namespaces)
+    return _run(job, len(tests), timeout, memory_mb, total_timeout, _mode(namespaces))
 
 
 def run_io_tests(code: str, cases: list[tuple[str, str]], timeout: float = 5.0, memory_mb: int = 1024,
                  total_timeout: float | None = None, namespaces: bool | None = None) -> SandboxResult:
     """Run `code` once per case with the case's stdin; pass if stdout matches (trailing spaces ignored)."""
     cases = [(str(i), str(o)) for i, o in cases]
-    return _run({"mode": "io", "code": code, "tests": cases}, len(cases), timeout, memory_mb, total_timeout, namespaces)
+    return _run({"mode": "io", "code": code, "tests": cases}, len(cases), timeout, memory_mb, total_timeout, _mode(namespaces))
 
 
 def live_processes(uid: int) -> list[int]:
@@ -174,13 +189,12 @@ def _hidden_dirs(work: str, stdlib: str) -> list[str]:
 
 
 def _run(job: dict, total: int, timeout: float, memory_mb: int, total_timeout: float | None,
-         namespaces: bool | None) -> SandboxResult:
+         mode: str) -> SandboxResult:
     if total == 0:
         return SandboxResult(0, 0, "error", stderr="no tests")
     t0 = time.perf_counter()
     token = secrets.token_hex(16)
     wall = total_timeout if total_timeout else timeout * (total + 1) + 2.0  # code + each test + interpreter start
-    mode = isolation_mode() if namespaces is None or namespaces else "process"
     uid = UID_BASE + secrets.randbelow(UID_SPAN) if mode == "namespaces" else None
     # RLIMIT_NPROC counts every process of the real uid (root is exempt): the sandbox uid has none of its own
     nproc = MAX_PROCESSES if uid is not None or os.geteuid() == 0 else len(live_processes(os.getuid())) + MAX_PROCESSES
