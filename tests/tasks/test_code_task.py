@@ -131,3 +131,12 @@ def test_a_host_that_breaks_the_confinement_falls_back_with_a_warning(monkeypatc
             run_tests("x = 1", ["assert x == 1"], namespaces=True)
     finally:
         sb.isolation_mode.cache_clear()
+
+
+def test_runs_from_any_working_directory(tmp_path, monkeypatch):
+    # the trainer's directory is covered in the namespaces mode, also when it lies under a covered temp dir
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    assert run_tests("x = 1", ["assert x == 1"], timeout=2).passed == 1
+    monkeypatch.chdir("/")
+    assert run_tests("x = 1", ["assert x == 1"], timeout=2).passed == 1

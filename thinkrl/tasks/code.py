@@ -9,7 +9,8 @@ Test formats accepted in ``sample.answer`` (a JSON string of these also works):
   (MBPP style: ``test_list`` and ``test_setup_code`` are accepted too);
 * stdin/stdout tests: ``{"inputs": ["1 2\\n", ...], "outputs": ["3\\n", ...]}`` (APPS / TACO style).
 
-See `thinkrl.tasks.sandbox` for what the sandbox does and does not prevent.
+The program runs in `thinkrl.tasks.sandbox` with the standard library only (``python -I -S``); what the
+sandbox contains and what it does not: its docstring and docs/real_models.md ("The code sandbox").
 """
 from __future__ import annotations
 

@@ -185,7 +185,8 @@ def _hidden_dirs(work: str, stdlib: str) -> list[str]:
         if d != "/" and os.path.isdir(d) and d not in found and not any(inside(k, d) for k in keep) and \
                 (inside(work, d) <= (d == os.path.dirname(work))):
             found.append(d)
-    return sorted(found, key=len)  # parents before children
+    found = [d for d in found if not any(o != d and inside(d, o) for o in found)]  # covered by a parent already
+    return sorted(found, key=len)
 
 
 def _run(job: dict, total: int, timeout: float, memory_mb: int, total_timeout: float | None,
