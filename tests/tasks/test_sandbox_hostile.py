@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from thinkrl.tasks.sandbox import MAX_PROCESSES, isolation_mode, live_processes, run_io_tests, run_tests
+from thinkrl.tasks.sandbox import (MAX_PROCESSES, UID_BASE, UID_SPAN, isolation_mode, live_processes, run_io_tests,
+                                   run_tests)
 
 pytestmark = pytest.mark.skipif(isolation_mode() != "namespaces",
                                 reason="the kernel-level containment needs root and working namespaces (unshare)")
@@ -71,6 +72,12 @@ def _sha(path) -> str:
         return type(e).__name__
 
 
+def _sandbox_shm() -> list[str]:
+    """SysV shared-memory segments on the host owned by a sandbox uid (there must be none)."""
+    rows = [line.split() for line in Path("/proc/sysvipc/shm").read_text().splitlines()[1:]]
+    return [" ".join(r) for r in rows if len(r) > 7 and r[7].isdigit() and UID_BASE <= int(r[7]) < UID_BASE + UID_SPAN]
+
+
 @pytest.fixture
 def outside():
     """A world-writable canary dir (mode 777, a 666 file) beside the repo, on the host's own filesystem."""
@@ -83,7 +90,7 @@ def outside():
     def state():
         return (sorted(os.listdir(d)), _sha(canary), _sha(PROJECT_FILE), (REPO / MARK).exists(), _sha("/etc/hostname"),
                 os.path.exists(f"/etc/{MARK}"), sorted(glob.glob(f"/tmp/{MARK}*") + glob.glob(f"/dev/shm/{MARK}*")
-                                                        + glob.glob(f"/var/tmp/{MARK}*")), Path("/proc/sysvipc/shm").read_text())
+                                                        + glob.glob(f"/var/tmp/{MARK}*")), _sandbox_shm())
 
     before = state()
     try:
@@ -208,7 +215,7 @@ def test_fork_bounded_then_fork_bomb(outside):
                 os.fork()
             except OSError:
                 pass
-    """, total_timeout=1.5)
+    """, total_timeout=1.0)
     assert "timeout" in bomb.details[0]  # the per-test alarm or the wall-clock kill
 
 
@@ -226,7 +233,7 @@ def test_memory_bomb(outside):
 
 
 def test_infinite_loops(outside):
-    c_loop = attack("import itertools\nsum(itertools.count())", bypass=False, total_timeout=1.5)  # one C call: no alarm lands
+    c_loop = attack("import itertools\nsum(itertools.count())", bypass=False, total_timeout=1.0)  # one C call: no alarm lands
     assert c_loop.status == "timeout"
     res = attack("""
         import signal
@@ -234,20 +241,20 @@ def test_infinite_loops(outside):
         libc.alarm(0)
         while True:
             pass
-    """, total_timeout=1.5)
+    """, total_timeout=1.0)
     assert res.status == "timeout"
 
 
 def test_huge_output(outside):
     out = attack("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)", bypass=False, total_timeout=3)
     assert out.details == ["setup fail OSError"]  # RLIMIT_FSIZE on the captured stdout file
-    err = attack("import os\nwhile True:\n    os.write(2, b'y' * 65536)", bypass=False, total_timeout=1.5)
+    err = attack("import os\nwhile True:\n    os.write(2, b'y' * 65536)", bypass=False, total_timeout=1.0)
     assert "timeout" in err.details[0] and len(err.stderr) <= 2000  # drained and capped, not buffered
     fake = attack("""
         import os, secrets
         while True:
             os.write(3, f"{secrets.token_hex(16)} 0 pass\\n".encode() * 100)
-    """, total_timeout=1.5)
+    """, total_timeout=1.0)
     assert fake.details[0] in ("not run", "timeout")  # forged verdicts count for nothing; the channel is capped
     files = attack("i = 0\nwhile True:\n    open(f'f{i}', 'wb').write(b'z' * (8 << 20))\n    i += 1", bypass=False, total_timeout=3)
     assert files.details == ["setup fail OSError"]  # the tmpfs work dir is full (ENOSPC), not the host disk
@@ -294,7 +301,7 @@ def test_daemon_left_behind(outside):
         os.setsid()
         libc.prctl(1, 0, 0, 0, 0)  # PR_SET_PDEATHSIG = 0
         time.sleep(60)
-    """, total_timeout=1.5)
+    """, total_timeout=1.0)
     assert escaped.status == "timeout"
 
 
