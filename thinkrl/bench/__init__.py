@@ -10,7 +10,7 @@ import importlib
 from typing import Callable
 
 BENCHES: dict[str, Callable] = {}
-_MODULES = ["smoke", "generate", "train", "rl_step", "async_"]
+_MODULES = ["smoke", "generate", "train", "rl_step", "async_", "serve"]
 
 
 def register_bench(name: str, help: str = ""):
