@@ -77,26 +77,31 @@ def test_huge_memory_scores_zero():
     assert res.passed == 0 and res.details == ["setup memory"]
 
 
-def test_files_outside_the_work_dir_are_refused():
+ISOLATION = pytest.mark.parametrize("namespaces", [None, False], ids=["default", "process"])  # the hook in both
+
+
+@ISOLATION
+def test_files_outside_the_work_dir_are_refused(namespaces):
     assert os.path.exists("/etc/passwd")
-    res = run_tests("data = open('/etc/passwd').read()", ["assert 'root' in data"], timeout=2)
+    res = run_tests("data = open('/etc/passwd').read()", ["assert 'root' in data"], timeout=2, namespaces=namespaces)
     assert res.passed == 0 and res.details == ["setup fail PermissionError"]
     for code in ["import os\nx = os.listdir('/etc')", "import io\nx = io.FileIO('/etc/hostname').read()",
                  "import os\nos.remove('/tmp/thinkrl-not-there')", "open('/tmp/thinkrl-escape.txt', 'w').write('x')",
                  "import os\nos.symlink('/etc/passwd', 'p')"]:
-        assert run_tests(code, ["assert True"], timeout=2).passed == 0, code
+        assert run_tests(code, ["assert True"], timeout=2, namespaces=namespaces).passed == 0, code
     assert not os.path.exists("/tmp/thinkrl-escape.txt")
     # its own directory is fine, and the standard library can be imported
     own = "import json, collections\nopen('a.txt', 'w').write('hi')\ndata = open('a.txt').read()"
-    ok = run_tests(own, ["assert data == 'hi'"], timeout=2)
+    ok = run_tests(own, ["assert data == 'hi'"], timeout=2, namespaces=namespaces)
     assert ok.passed == 1
 
 
-def test_processes_sockets_and_limits_are_refused():
+@ISOLATION
+def test_processes_sockets_and_limits_are_refused(namespaces):
     for code in ["import subprocess\nsubprocess.run(['true'])", "import os\nos.fork()", "import os\nos.system('true')",
                  "import socket\nsocket.socket()", "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))",
                  "import ctypes\nctypes.CDLL('libc.so.6')"]:
-        res = run_tests(code, ["assert True"], timeout=2)
+        res = run_tests(code, ["assert True"], timeout=2, namespaces=namespaces)
         assert res.passed == 0 and res.details == ["setup fail PermissionError"], (code, res)
 
 
