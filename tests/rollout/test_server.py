@@ -206,6 +206,12 @@ def test_api_key_is_enforced():
         assert status == 401 and out["error"]["type"] == "authentication_error"
         assert call(port, "/generate", gen_body(2), headers={"Authorization": "Bearer sekrit"})[0] == 200
         assert call(port, "/health", method="GET")[0] == 200  # probes need no key
+        from thinkrl.rollout.server import ROUTES
+        for path, (methods, _) in ROUTES.items():  # every other route, and unknown ones, need it
+            if not path.startswith("/health"):
+                status, out = call(port, path, {}, method=methods[0])
+                assert status == 401 and out["error"]["code"] == 401, path
+        assert call(port, "/openapi.json", method="GET")[0] == 401 and call(port, "/nope")[0] == 401
     finally:
         shutdown(server)
 
