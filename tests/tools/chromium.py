@@ -117,12 +117,12 @@ class Chromium:
             raise RuntimeError(f"chromium: {expression[:60]}...: {res['exceptionDetails'].get('text')}")
         return res["result"].get("value")
 
-    def screenshot(self, full_page: bool = True, max_height: int = 16384) -> bytes:
+    def screenshot(self, full_page: bool = True, scale: float = 1.0, max_height: int = 16384) -> bytes:
         params = {"format": "png"}
         if full_page:
             h = min(int(self.evaluate("document.documentElement.scrollHeight")), max_height)
             w = int(self.evaluate("document.documentElement.scrollWidth"))
-            params.update(captureBeyondViewport=True, clip={"x": 0, "y": 0, "width": w, "height": h, "scale": 1})
+            params.update(captureBeyondViewport=True, clip={"x": 0, "y": 0, "width": w, "height": h, "scale": scale})
         return base64.b64decode(self.call("Page.captureScreenshot", session=True, **params)["data"])
 
     def close(self) -> None:

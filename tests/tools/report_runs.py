@@ -12,8 +12,8 @@ def rl_record(step: int, eval_every: int = 5, last: int = 0) -> dict:
          "len/response_mean": 20.0 + step, "len/response_max": 40.0, "len/truncated_frac": 0.02,
          "loss/policy": -0.01 * step, "clip/frac": 0.05, "kl/mean": 0.001 * step, "entropy/mean": 1.0 - 0.01 * step,
          "grad/norm": 0.5, "staleness/mean": 0.5, "staleness/max": 1.0,
-         "mismatch/logp_abs_mean": 1e-3, "mismatch/logp_abs_max": 1e-2, "mismatch/k3": 1e-5,
-         "mismatch/ratio_outside_frac": 0.0,
+         "mismatch/logp_abs_diff_mean": 1e-3, "mismatch/logp_abs_diff_max": 1e-2, "mismatch/k3": 1e-5,
+         "mismatch/ratio_out_frac": 0.0, "mismatch/seq_ratio_max": 1.01, "mismatch/seq_ratio_min": 0.99,
          "perf/wait_seconds": 1.0, "perf/train_seconds_total": 0.8, "perf/sync_seconds": 0.2,
          "perf/tokens_per_s": 1000.0, "perf/gen_tokens_per_s": 500.0, "perf/train_tokens": 100.0,
          "groups": [step]}  # a list: not a number, never plotted

@@ -7,8 +7,8 @@ import pytest
 from report_runs import make_rl_run, make_sft_run, rl_record
 
 from thinkrl.cli import main as cli_main
-from thinkrl.tools.report import (PLOTS, ReportError, cost_figure, figures, load_run, normalise_eval, pareto_frontier,
-                                  render, run_names, series, summary, write_report)
+from thinkrl.tools.report import (PLOTS, ReportError, Run, cost_figure, cost_points, figures, load_run,
+                                  normalise_eval, pareto_frontier, render, run_names, series, summary, write_report)
 
 
 def test_pareto_frontier_hand_cases():
@@ -60,12 +60,15 @@ def test_series_and_eval_json_points(tmp_path):
 
 def test_cost_plot_points_and_frontier(tmp_path):
     run = load_run(make_rl_run(tmp_path / "rl", steps=20))
+    greedy_only = {"step": 1, "eval/pass@1": 0.5, "eval/tokens_per_problem": 30.0}  # no k: k = 0, one answer
+    assert cost_points(Run("g", run.path, [greedy_only], []))[0][:2] == (30.0, 0.5)
     fig = cost_figure([run])
     pts, front = fig.data[0], fig.data[-1]
-    # eval records at steps 5, 10, 15 (tokens 105..115, pass@1 .3-.5) + the final eval.json (130, .7) + step_000010
+    # tokens per answer = tokens_per_problem / (1 + k), k = 4: eval records at steps 5, 10, 15 (105..115 tokens,
+    # pass@1 .3-.5), the final eval.json (130, .7) and evals/step_000010 (90, .45)
     flat = lambda xs, ys: [v for p in sorted(zip(xs, ys)) for v in p]  # noqa: E731
-    assert flat(pts.x, pts.y) == pytest.approx(flat([90, 105, 110, 115, 130], [0.45, 0.3, 0.4, 0.5, 0.7]))
-    assert flat(front.x, front.y) == pytest.approx(flat([90, 115, 130], [0.45, 0.5, 0.7]))
+    assert flat(pts.x, pts.y) == pytest.approx(flat([18, 21, 22, 23, 26], [0.45, 0.3, 0.4, 0.5, 0.7]))
+    assert flat(front.x, front.y) == pytest.approx(flat([18, 23, 26], [0.45, 0.5, 0.7]))
     assert front.name == "Pareto frontier"
 
 
@@ -75,7 +78,13 @@ def test_summary_row(tmp_path):
     assert row["final reward"] == pytest.approx(0.3) and row["final eval pass@1"] == pytest.approx(0.7)
     assert row["best eval pass@1"] == pytest.approx(0.7) and row["final pass@k"] == "0.800 (k=4)"
     assert row["train tokens"] == pytest.approx(2000.0) and row["wall time (s)"] == pytest.approx(40.0)
-    sft = summary(load_run(make_sft_run(tmp_path / "sft", steps=30)))
+    sft = make_sft_run(tmp_path / "sft", steps=30)
+    (sft / "eval.json").unlink()  # no final eval.json: the one with the largest step
+    for step, acc in ((30, 0.35), (10, 0.2)):
+        (sft / "evals" / str(step)).mkdir(parents=True)
+        (sft / "evals" / str(step) / "eval.json").write_text(json.dumps({"step": step, "pass@1": acc}))
+    sft = summary(load_run(sft))
+    assert sft["final eval pass@1"] == pytest.approx(0.35) and sft["best eval pass@1"] == pytest.approx(0.35)
     assert sft["kind"] == "SFT" and sft["steps"] == 30 and sft["final SFT loss"] == pytest.approx(2 / 30)
 
 

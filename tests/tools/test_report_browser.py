@@ -73,7 +73,7 @@ def test_report_opens_with_every_plot_drawn(browser, tmp_path):
     assert errors == []
     assert stats and (expected is None or len(stats) == expected)
     assert empty_plots(stats) == []
-    png = browser.screenshot()
+    png = browser.screenshot(scale=0.7)  # the whole page, 980 px wide
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     shot = Path(os.environ.get("THINKRL_REPORT_SCREENSHOT") or tmp_path / "report.png")
     shot.write_bytes(png)

@@ -142,6 +142,8 @@ class Plot:
     keys: list[str]  # fnmatch patterns over the metric names; each matching name is one line per run
     y: str = ""
     source: str = "rl"  # rl: the RL records; sft: the `phase: "sft"` ones
+    log: bool = False  # a log y axis (values <= 0 are not drawn)
+    exclude: tuple[str, ...] = ()  # patterns of names left to another plot
 
 
 PLOTS = [
@@ -158,12 +160,14 @@ PLOTS = [
     Plot("Clip fraction", ["clip/frac"], "fraction of tokens"),
     Plot("Gradient norm", ["grad/norm", "grad_norm"]),
     Plot("Staleness (policy versions behind)", ["staleness/mean", "staleness/max"], "versions"),
-    Plot("Train/inference log-prob mismatch", ["mismatch/*"]),
+    Plot("Train/inference mismatch (log scale)", ["mismatch/*"], log=True, exclude=("mismatch/seq_ratio*",)),
+    Plot("Train/inference sequence ratio", ["mismatch/seq_ratio*"], "pi_train / pi_infer"),
     Plot("Throughput", ["perf/tokens_per_s", "perf/gen_tokens_per_s"], "tokens/s"),
     Plot("SFT loss", ["loss/sft"], "loss", source="sft"),
 ]
 TIME_SPLIT = {"generation (waiting for the batch)": "perf/wait_seconds", "training": "perf/train_seconds_total",
               "weight sync": "perf/sync_seconds"}
+CONFIG = {"displaylogo": False, "displayModeBar": "hover"}  # plotly's toolbar on hover only
 DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
 
 
@@ -171,11 +175,12 @@ def _records(run: Run, source: str) -> list[dict]:
     return run.sft if source == "sft" else run.records
 
 
-def expand(patterns: list[str], runs: list[Run], source: str) -> list[str]:
+def expand(patterns: list[str], runs: list[Run], source: str, exclude: tuple[str, ...] = ()) -> list[str]:
     present = sorted({k for r in runs for rec in _records(r, source) for k in rec})
     out = []
     for p in patterns:
-        out += [k for k in present if fnmatch.fnmatchcase(k, p) and k not in out]
+        out += [k for k in present if fnmatch.fnmatchcase(k, p) and k not in out
+                and not any(fnmatch.fnmatchcase(k, x) for x in exclude)]
     return out
 
 
@@ -208,7 +213,7 @@ def line_figure(plot: Plot, runs: list[Run]):
     """One trace per (run, metric), or None when no run logged any of the plot's metrics."""
     import plotly.graph_objects as go
 
-    keys = expand(plot.keys, runs, plot.source)
+    keys = expand(plot.keys, runs, plot.source, plot.exclude)
     colour, fig = _colours(runs), go.Figure()
     for run in runs:
         for j, key in enumerate(keys):
@@ -219,7 +224,11 @@ def line_figure(plot: Plot, runs: list[Run]):
                                      legendgroup=run.name, mode="lines+markers" if len(x) <= 40 else "lines",
                                      line=dict(color=colour[run.name], dash=DASHES[j % len(DASHES)]),
                                      marker=dict(size=5)))
-    return _layout(fig, plot.title, "step", plot.y) if fig.data else None
+    if not fig.data:
+        return None
+    if plot.log:
+        fig.update_yaxes(type="log", exponentformat="power")
+    return _layout(fig, plot.title, "step", plot.y)
 
 
 def time_split_figure(runs: list[Run]):
@@ -237,17 +246,23 @@ def time_split_figure(runs: list[Run]):
 
 
 def cost_points(run: Run) -> list[tuple[float, float, str]]:
-    """(tokens per problem, pass@1, label) of every evaluation of the run that has both."""
-    out = [(rec["eval/tokens_per_problem"], rec["eval/pass@1"], f"{run.name} step {rec['step']}")
+    """(generated tokens per answer, pass@1, label) of every evaluation of the run with `tokens_per_problem` and
+    `pass@1`. Tokens per answer = tokens_per_problem / (1 + k) (the greedy answer and k samples), so evaluations
+    with different k compare: a greedy-only evaluation during training and the final one with k = 4 are priced
+    for the same one answer per problem."""
+    def point(d: dict, prefix: str, label: str):
+        per_answer = d[prefix + "tokens_per_problem"] / (1 + d.get(prefix + "k", 0))
+        return per_answer, d[prefix + "pass@1"], label
+
+    out = [point(rec, "eval/", f"{run.name} step {rec['step']}")
            for rec in run.records if "eval/tokens_per_problem" in rec and "eval/pass@1" in rec]
-    out += [(e["tokens_per_problem"], e["pass@1"], f"{run.name} {e['source']}"
-             + (f" (step {e['step']})" if "step" in e else ""))
+    out += [point(e, "", f"{run.name} {e['source']}" + (f" (step {e['step']})" if "step" in e else ""))
             for e in run.evals if "tokens_per_problem" in e and "pass@1" in e]
     return out
 
 
 def cost_figure(runs: list[Run]):
-    """Accuracy vs generated tokens per problem over every evaluation of every run, the Pareto frontier marked."""
+    """Accuracy vs generated tokens per answer over every evaluation of every run, the Pareto frontier marked."""
     import plotly.graph_objects as go
 
     colour, fig, everything = _colours(runs), go.Figure(), []
@@ -257,13 +272,13 @@ def cost_figure(runs: list[Run]):
         if pts:
             fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], text=[p[2] for p in pts],
                                      mode="markers", name=run.name, marker=dict(color=colour[run.name], size=8),
-                                     hovertemplate="%{text}<br>%{x:.1f} tokens/problem<br>pass@1 %{y:.3f}"))
+                                     hovertemplate="%{text}<br>%{x:.1f} tokens/answer<br>pass@1 %{y:.3f}"))
     if not everything:
         return None
     front = [everything[i] for i in pareto_frontier([(p[0], p[1]) for p in everything])]
     fig.add_trace(go.Scatter(x=[p[0] for p in front], y=[p[1] for p in front], mode="lines", name="Pareto frontier",
                              line=dict(color="black", shape="hv", width=1.5)))
-    return _layout(fig, "Accuracy vs inference cost (every evaluation)", "generated tokens per problem", "pass@1")
+    return _layout(fig, "Accuracy vs inference cost (every evaluation)", "generated tokens per answer", "pass@1")
 
 
 def figures(runs: list[Run]) -> tuple[list, list[str]]:
@@ -284,9 +299,11 @@ def _last(records: list[dict], key: str):
 
 
 def summary(run: Run) -> dict:
-    """One row of the summary table; None where the run did not log it."""
+    """One row of the summary table; None where the run did not log it. The final evaluation is the run dir's
+    eval.json, else the eval.json under it with the largest step."""
     recs = run.records or run.sft
-    final = next((e for e in run.evals if e["source"] == "eval.json"), None)
+    stepped = sorted((e for e in run.evals if "step" in e), key=lambda e: e["step"])
+    final = next((e for e in run.evals if e["source"] == "eval.json"), stepped[-1] if stepped else None)
     evals = [r["eval/pass@1"] for r in run.records if "eval/pass@1" in r] + [e["pass@1"] for e in run.evals
                                                                              if "pass@1" in e]
     ks = sorted((int(k[5:]), k) for k in (final or {}) if re.fullmatch(r"pass@\d+", k) and k != "pass@1")
@@ -330,7 +347,7 @@ def render(runs: list[Run]) -> str:
     rows = [summary(r) for r in runs]
     head = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row.values()) + "</tr>" for row in rows)
-    plots = "".join(f'<div class="plot">{fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"plot-{i}")}'
+    plots = "".join(f'<div class="plot">{fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"plot-{i}", config=CONFIG)}'
                     "</div>" for i, fig in enumerate(figs))
     dirs = "".join(f"<li><b>{html.escape(r.name)}</b>: {html.escape(str(r.path))} ({len(r.records)} RL records, "
                    f"{len(r.sft)} SFT records, {len(r.evals)} eval.json)</li>" for r in runs)
