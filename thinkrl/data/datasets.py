@@ -57,22 +57,45 @@ def get_field(row: Any, path: str, default: Any = _MISSING) -> Any:
 # ----------------------------------------------------------------------------- reading rows
 
 
+def _open(path: Path):
+    try:
+        return path.open("rb")
+    except OSError as e:  # unreadable (permissions), a broken link, ...
+        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from None
+
+
+def _decode(path: Path, raw: bytes, line: int = 1) -> str:
+    """`raw` (the file from `line` on) as text; a byte that is not UTF-8 is a DataError naming its line."""
+    try:
+        return raw.decode("utf-8-sig" if line == 1 else "utf-8")  # a byte-order mark at the start is fine
+    except UnicodeDecodeError as e:
+        at = line + raw.count(b"\n", 0, e.start)
+        raise DataError(f"{path}:{at}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r})") from None
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    with _open(path) as f:
+        for i, raw in enumerate(f, 1):
+            line = _decode(path, raw, i)
             if not line.strip():
                 continue
             try:
                 yield f"{path}:{i}", json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{i}: JSON nested too deeply") from None
 
 
 def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
+    with _open(path) as f:
+        text = _decode(path, f.read())
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"data": [...]} style
     if not isinstance(data, list):

@@ -20,16 +20,53 @@ def register_model(name: str):
 
 
 class ModelLoadError(ValueError):
-    pass
+    """A model directory that cannot be loaded; the message is one line naming it and what is missing or wrong."""
+
+
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def check_model_dir(path: str | Path, what: str) -> Path:
+    """`path` as a Hugging Face model directory with a config.json and weights, else ModelLoadError (`what` names
+    the setting it came from, e.g. "model.path='...'")."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ModelLoadError(f"{what}: not a directory")
+    if not (p / "config.json").is_file():
+        raise ModelLoadError(f"{what}: no config.json there (is it a Hugging Face model directory?)")
+    if not any(any(p.glob(pattern)) for pattern in WEIGHT_FILES):
+        raise ModelLoadError(f"{what}: no weights there (no *.safetensors or pytorch_model*.bin in {p})")
+    return p
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # no tokenizer files, a malformed tokenizer.json
+        raise ModelLoadError(f"{path}: cannot load the tokenizer ({_first_line(e)})") from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _from_pretrained(p: Path, dtype: str):
+    """The causal LM in `p`; a malformed config or truncated weights is one ModelLoadError line."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(p), dtype=resolve_dtype(dtype))
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # no weights file, a malformed config, bad shapes
+        raise ModelLoadError(f"{p}: cannot load the model ({_first_line(e)})") from e
+    except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError (a truncated or corrupt file)
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ModelLoadError(f"{p}: cannot read the weights ({_first_line(e)})") from e
 
 
 def load_policy(mcfg, device: torch.device | str = "cpu", seed: int = 0):
@@ -53,12 +90,9 @@ def load_policy(mcfg, device: torch.device | str = "cpu", seed: int = 0):
                 f"model.path={path!r}: not a directory, and not a known name "
                 f"(known: micro{', ' if NAMED_MODELS else ''}{', '.join(sorted(NAMED_MODELS))})"
             )
-        if not (p / "config.json").exists():
-            raise ModelLoadError(f"model.path={path!r}: no config.json there (is it a Hugging Face model directory?)")
-        from transformers import AutoModelForCausalLM
-
+        check_model_dir(p, f"model.path={path!r}")
         tok = load_tokenizer(str(p))
-        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=resolve_dtype(mcfg.dtype))
+        model = _from_pretrained(p, mcfg.dtype)
     model = model.to(device=device, dtype=resolve_dtype(mcfg.dtype))
     if getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tok.pad_token_id
@@ -69,13 +103,9 @@ def load_policy(mcfg, device: torch.device | str = "cpu", seed: int = 0):
 
 def load_checkpoint(path: str, device: torch.device | str = "cpu", dtype: str = "float32"):
     """(model, tokenizer) from a checkpoint directory written by `save_checkpoint`."""
-    from transformers import AutoModelForCausalLM
-
-    p = Path(path)
-    if not (p / "config.json").exists():
-        raise ModelLoadError(f"{path}: not a checkpoint directory (no config.json)")
+    p = check_model_dir(path, str(path))
     tok = load_tokenizer(str(p))
-    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=resolve_dtype(dtype)).to(device)
+    model = _from_pretrained(p, dtype).to(device)
     return model, tok
 
 

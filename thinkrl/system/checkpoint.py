@@ -14,12 +14,16 @@ the parent is fsynced). A kill at any moment leaves either the finished director
 Reading (`good_checkpoint`): the newest checkpoint whose files all match the manifest's sizes and checksums;
 each bad one (no manifest, a file missing, truncated or changed) gives one warning line naming it and the file.
 
+A write that fails (an unwritable directory, a full disk) removes its `*.tmp` directory and raises
+`OutputDirError` naming the checkpoint, the cause and the newest checkpoint still there, which is untouched.
+
 Test hook: with the environment variable THINKRL_FAULT="kill_in_save:<step>", `write_checkpoint` of that step
 SIGKILLs its own process after writing the model weights and before the rest of the files (tests of kill -9
 during a checkpoint write). Nothing else reads THINKRL_FAULT.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -32,9 +36,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from thinkrl.errors import RunFault
+
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"step_(\d+)")
+
+
+class OutputDirError(RunFault):
+    """The run directory cannot be written (unwritable, full); the message names the path and the cause."""
+
+
+def output_error(path: Path, e: BaseException, what: str) -> OutputDirError:
+    """One line: `path`, what could not be done and the cause; the free space where it failed when the disk may be
+    full (ENOSPC, or a writer's own error such as safetensors' or torch.save's)."""
+    if isinstance(e, OSError) and e.strerror:
+        cause = e.strerror
+    else:
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if not isinstance(e, OSError) or e.errno == errno.ENOSPC:
+        try:
+            free = shutil.disk_usage(next(p for p in [path, *path.parents] if p.exists())).free
+            cause += f"; {free / 2**20:.1f} MiB free there"
+        except (OSError, StopIteration):
+            pass
+    return OutputDirError(f"{path}: {what} ({cause})")
 
 
 def checkpoint_name(step: int) -> str:
@@ -98,11 +124,34 @@ def write_checkpoint(root: Path, step: int, model, tokenizer, state: dict, keep:
     metrics were truncated, so the one just written is the newest."""
     if keep < 1:
         raise ValueError(f"train.keep_checkpoints: must be >= 1, got {keep}")
-    root.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(root)
     final = root / checkpoint_name(step)
     tmp = root / (final.name + ".tmp")
-    tmp.mkdir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(root)
+        tmp.mkdir()
+        _write(tmp, step, model, tokenizer, state)
+    except Exception as e:  # noqa: BLE001 - full disk: OSError, safetensors' SafetensorError, torch's RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = list_checkpoints(root) if root.is_dir() else []
+        raise output_error(final, e, "checkpoint not written, " + (f"{kept[-1].name} is the newest one, untouched"
+                                                                    if kept else "no earlier checkpoint")) from e
+    if final.exists():  # the same step saved again (e.g. a periodic and the final save): replace it
+        old = root / (final.name + ".old.tmp")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    _fsync(root)
+    done = [c for c in list_checkpoints(root) if checkpoint_step(c) <= step]
+    for c in [c for c in list_checkpoints(root) if checkpoint_step(c) > step] + done[:-keep]:
+        shutil.rmtree(c)
+    return final
+
+
+def _write(tmp: Path, step: int, model, tokenizer, state: dict) -> None:
+    """The files of a checkpoint, each fsynced, the manifest last."""
     model.save_pretrained(tmp)
     _maybe_fault(step)
     tokenizer.save_pretrained(tmp)
@@ -117,18 +166,6 @@ def write_checkpoint(root: Path, step: int, model, tokenizer, state: dict, keep:
         os.fsync(f.fileno())
     for d in sorted({f.parent for f in _files(tmp)} | {tmp}, key=lambda p: -len(p.parts)):
         _fsync(d)
-    if final.exists():  # the same step saved again (e.g. a periodic and the final save): replace it
-        old = root / (final.name + ".old.tmp")
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-    _fsync(root)
-    done = [c for c in list_checkpoints(root) if checkpoint_step(c) <= step]
-    for c in [c for c in list_checkpoints(root) if checkpoint_step(c) > step] + done[:-keep]:
-        shutil.rmtree(c)
-    return final
 
 
 # ----------------------------------------------------------------------------- reading

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import yaml
 
 from thinkrl.config import Config, ConfigError
-from thinkrl.system.checkpoint import good_checkpoint, list_checkpoints, remove_leftovers, write_checkpoint
+from thinkrl.system.checkpoint import (good_checkpoint, list_checkpoints, output_error, remove_leftovers,
+                                       write_checkpoint)
 # what a caller needs beside RunDir to resume, importable from here too
 from thinkrl.system.checkpoint import load_state, load_weights_into, rng_state, set_rng_state  # noqa: F401
 from thinkrl.system.logs import METRICS_FILE, Logger
@@ -59,7 +61,10 @@ def check_resume_config(saved: dict, cfg) -> None:
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:  # a path under a regular file, a read-only or full disk: one line naming it (OutputDirError)
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise output_error(self.path, e, "cannot create this run.output_dir") from e
         self.metrics_path = self.path / METRICS_FILE
         self.logger = Logger.open(self.path)  # metrics.jsonl only until open_logs
         self.config_path = self.path / "config.yaml"
@@ -70,7 +75,10 @@ class RunDir:
         """Save the resolved config; on resume first check it against the saved one (`check_resume_config`)."""
         if resume and self.config_path.exists():
             check_resume_config(yaml.safe_load(self.config_path.read_text()) or {}, cfg)
-        cfg.save(self.config_path)
+        try:
+            cfg.save(self.config_path)
+        except OSError as e:
+            raise output_error(self.config_path, e, "cannot write the run's config") from e
 
     # ------------------------------------------------------------------ metrics
     def open_logs(self, cfg, start_step: int = 0) -> None:
@@ -88,7 +96,10 @@ class RunDir:
 
     def log(self, record: dict) -> None:
         """One metrics record (it carries an integer `step`) to every open sink."""
-        self.logger.log(record)
+        try:
+            self.logger.log(record)
+        except OSError as e:  # e.g. the disk is full: the records before this one stay
+            raise output_error(self.metrics_path, e, f"metrics of step {record.get('step')} not written") from e
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics_path.exists():
@@ -98,7 +109,13 @@ class RunDir:
     def truncate_metrics(self, step: int) -> None:
         """Drop records after `step` (a resumed run re-logs them)."""
         keep = [r for r in self.read_metrics() if r.get("step", 0) <= step]
-        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+        try:  # replaced whole or not at all: a failed write (full disk) leaves the old file as it was
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            os.replace(tmp, self.metrics_path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise output_error(self.metrics_path, e, "cannot truncate the metrics for --resume") from e
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, step: int, model, tokenizer, state: dict, keep: int) -> Path:

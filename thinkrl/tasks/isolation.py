@@ -31,6 +31,7 @@ import asyncio
 import concurrent.futures as cf
 import ctypes
 import hashlib
+import logging
 import math
 import multiprocessing as mp
 import pickle
@@ -38,6 +39,8 @@ import queue
 import threading
 import time
 from multiprocessing.connection import wait as mp_wait
+
+log = logging.getLogger("thinkrl")
 
 # ----------------------------------------------------------------------------- timeouts in threads
 
@@ -92,13 +95,26 @@ def _as_reward(value) -> float:
     return r
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(e: BaseException) -> None:
+    """One warning line per distinct failure (per process): a reward that raises on every sample (a data problem,
+    e.g. no gold answer) is then visible, not only a count in reward/errors."""
+    msg = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+    if msg not in _warned and len(_warned) < 20:
+        _warned.add(msg)
+        log.warning(f"reward failed (scored 0, counted in reward/errors): {msg}")
+
+
 def _score_one(task, response: str, sample, timeout: float | None) -> tuple[float, str]:
     """(reward, status) with status "ok" | "error" | "timeout"; never raises (except BaseException)."""
     try:
         return _as_reward(call_with_timeout(task.reward, timeout, response, sample)), "ok"
     except RewardTimeout:
         return 0.0, "timeout"
-    except (Exception, SystemExit):  # noqa: BLE001 - a broken reward is scored 0 and counted
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - a broken reward is scored 0 and counted
+        _warn_once(e)
         return 0.0, "error"
 
 
