@@ -382,11 +382,14 @@ def validate(cfg: Config) -> Config:
     one_of("data.format", list(FORMATS))
     need(cfg.eval.k >= 0, "eval.k", "must be >= 0")
     need(cfg.eval.price_per_mtok >= 0, "eval.price_per_mtok", "must be >= 0")
-    from thinkrl.system.logs import sink_names  # the logging-sink registry
+    from thinkrl.system.logs import missing_package, sink_names  # the logging-sink registry
 
     for name in cfg.log.backends:
         if name not in sink_names():
             raise ConfigError(f"log.backends: unknown backend {name!r}; valid: {', '.join(sink_names())}")
+        if missing_package(name):
+            raise ConfigError(f"log.backends: {name} needs the {missing_package(name)} package "
+                              "(pip install 'thinkrl[log]')")
     one_of("log.wandb_mode", ["offline", "online"])
     need(cfg.run.device == "auto" or cfg.run.device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"), "run.device", "must be auto, cpu, cuda[:N], mps or xpu")
 

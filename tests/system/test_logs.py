@@ -121,6 +121,16 @@ def test_scalar_sinks_skip_what_is_not_a_number(tmp_path):
     assert not (tmp_path / "tensorboard").exists()
 
 
+def test_a_backend_without_its_package_fails_at_load(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"log.backends: wandb needs the wandb package \(pip install 'thinkrl\[log\]'\)"):
+        load_config(None, ["log.backends=[jsonl, wandb]"])
+    load_config(None, ["log.backends=[jsonl, tensorboard]"])
+
+
 def test_an_unknown_backend_fails_at_load():
     with pytest.raises(ConfigError, match="log.backends: unknown backend 'mlflow'; valid: jsonl, tensorboard, wandb"):
         load_config(None, ["log.backends=[jsonl, mlflow]"])

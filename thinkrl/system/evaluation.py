@@ -120,7 +120,8 @@ def format_table(results: list[dict]) -> str:
     width = max([len("model")] + [len(r["name"]) for r in results])
     lines = [f"{'model':<{width}} " + " ".join(f"{c:>14}" for c in cols), "-" * (width + 15 * len(cols))]
     for r in results:
-        cells = [f"{r[c]:>14.4f}" if isinstance(r.get(c), float) else f"{r.get(c, ''):>14}" for c in cols]
+        cells = [f"{r[c]:>14.4g}" if c == "cost_usd" else f"{r[c]:>14.4f}" if isinstance(r.get(c), float)
+                 else f"{r.get(c, ''):>14}" for c in cols]
         lines.append(f"{r['name']:<{width}} " + " ".join(cells))
     lines.append(f"({results[0]['num_problems'] if results else 0} problems; k={k})")
     return "\n".join(lines)

@@ -16,7 +16,8 @@ step. Sinks (`register_sink`; `log.backends` is checked against them at config l
 - ``wandb``: a W&B run in RUN_DIR/wandb, ``log.wandb_mode`` offline by default (no network; ``wandb sync``
   uploads it later). Its id is kept in RUN_DIR/wandb_id, and a resumed run continues that id (resume="allow").
   Offline, each start writes its own ``offline-run-*`` directory with that id, and ``wandb sync`` uploads them
-  into the one run.
+  into the one run. Closing it calls ``wandb.teardown()`` to wait for the records to reach the disk, which also
+  ends any other W&B run open in the process.
 
 MLflow is not a sink: it is not a dependency, and TensorBoard and W&B cover what people look at.
 """
@@ -45,6 +46,14 @@ def sink_names() -> list[str]:
     return sorted(SINKS)
 
 
+def missing_package(name: str) -> str | None:
+    """The package sink `name` needs that is not installed, or None (checked at config load)."""
+    import importlib.util
+
+    pkg = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(name)
+    return pkg if pkg is not None and importlib.util.find_spec(pkg) is None else None
+
+
 def scalars(record: dict) -> dict[str, float]:
     """The numeric values of a record (not `step`, not booleans), as floats: what the scalar sinks log."""
     return {k: float(v) for k, v in record.items()
@@ -67,10 +76,7 @@ class JsonlSink:
 @register_sink("tensorboard")
 class TensorBoardSink:
     def __init__(self, run_dir: Path, cfg, start_step: int):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:
-            raise RuntimeError(f"log.backends: tensorboard needs the tensorboard package (pip install thinkrl[log]): {e}") from None
+        from torch.utils.tensorboard import SummaryWriter
         self.logdir = Path(run_dir) / "tensorboard"
         self.writer = SummaryWriter(str(self.logdir), purge_step=start_step + 1 if start_step > 0 else None)
 
@@ -89,10 +95,8 @@ class WandbSink:
     ID_FILE = "wandb_id"
 
     def __init__(self, run_dir: Path, cfg, start_step: int):
-        try:
-            import wandb
-        except ImportError as e:
-            raise RuntimeError(f"log.backends: wandb needs the wandb package (pip install thinkrl[log]): {e}") from None
+        import wandb
+
         run_dir = Path(run_dir)
         id_file = run_dir / self.ID_FILE
         if start_step > 0 and id_file.exists():
@@ -111,7 +115,12 @@ class WandbSink:
         self.run.log(values, step=int(record["step"]))
 
     def close(self) -> None:
+        import wandb
+
         self.run.finish()
+        # finish() can return before W&B's service process has written the run's last records to disk (seen
+        # offline with wandb 0.31); teardown waits for the service to flush and stop (a later run starts it again)
+        wandb.teardown()
 
 
 class Logger:
