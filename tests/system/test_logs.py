@@ -110,6 +110,20 @@ def test_a_training_run_writes_the_same_metrics_to_tensorboard_and_wandb(tmp_pat
     assert [h["_step"] for h in wandb_history(second)] == [3, 4]
 
 
+def test_sft_logs_its_loss_to_tensorboard_without_the_phase_string(tmp_path):
+    from thinkrl.system.train import train_sft
+
+    out = tmp_path / "sft"
+    train_sft(load_config(QUICKSTART, SMALL + [f"run.output_dir={out}", "train.sft_steps=3", "train.sft_batch_size=4",
+                                               "log.backends=[tensorboard]"]))
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["phase"]) for r in recs] == [(1, "sft"), (2, "sft"), (3, "sft")]
+    tb = tensorboard_scalars(out / "tensorboard")
+    assert "phase" not in tb and [s for s, _ in tb["loss/sft"]] == [1, 2, 3]
+    assert [v for _, v in tb["loss/sft"]] == pytest.approx([r["loss/sft"] for r in recs], rel=1e-6)
+    assert not (out / "wandb").exists()
+
+
 def test_scalar_sinks_skip_what_is_not_a_number(tmp_path):
     assert scalars({"step": 3, "phase": "sft", "ok": True, "x": 2, "y": 0.5, "z": [1]}) == {"x": 2.0, "y": 0.5}
     with Logger.open(tmp_path) as log:  # no config: metrics.jsonl alone
