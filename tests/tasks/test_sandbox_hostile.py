@@ -89,7 +89,7 @@ def outside():
 
     def state():
         return (sorted(os.listdir(d)), _sha(canary), _sha(PROJECT_FILE), (REPO / MARK).exists(), _sha("/etc/hostname"),
-                os.path.exists(f"/etc/{MARK}"), sorted(glob.glob(f"/tmp/{MARK}*") + glob.glob(f"/dev/shm/{MARK}*")
+                os.path.exists(f"/etc/{MARK}"), os.path.exists(f"/usr/{MARK}"), sorted(glob.glob(f"/tmp/{MARK}*") + glob.glob(f"/dev/shm/{MARK}*")
                                                         + glob.glob(f"/var/tmp/{MARK}*")), _sandbox_shm())
 
     before = state()
@@ -112,17 +112,19 @@ def test_reads_outside(outside):
     assert plain.details == ["setup fail PermissionError"]
     res = attack(f"""
         for key, path in [("project", {str(PROJECT_FILE)!r}), ("root_home", "/root/.bashrc"), ("shadow", "/etc/shadow"),
-                          ("passwd", "/etc/passwd"), ("canary", {str(canary)!r})]:
+                          ("passwd", "/etc/passwd"), ("canary", {str(canary)!r}), ("proc_trainer", "/proc/{os.getpid()}/cmdline"),
+                          ("system", "/usr/bin/env")]:
             try:
-                say(key, "read " + open(path).read(64).replace("\\n", " "))
+                say(key, "read " + repr(open(path, "rb").read(16)))
             except OSError as e:
                 say(key, "denied " + type(e).__name__)
     """)
     out = said(res)
-    assert out["project"].startswith("denied")  # the caller's working directory is covered by an empty tmpfs
-    assert out["root_home"].startswith("denied") and out["shadow"].startswith("denied")  # the unprivileged uid
-    # documented limit: world-readable files outside the covered directories can be read
-    assert out["passwd"].startswith("read root:") and out["canary"] == "read " + canary.read_text()
+    # its root holds only /usr, the standard library, five devices, its own /proc and its work dir
+    assert {k: v.split()[0] for k, v in out.items()} == {"project": "denied", "root_home": "denied", "shadow": "denied",
+                                                          "passwd": "denied", "canary": "denied", "proc_trainer": "denied",
+                                                          "system": "read"}, out
+    assert out["system"] == "read " + repr(Path("/usr/bin/env").read_bytes()[:16])  # documented limit: system files
 
 
 def test_writes_outside(outside):
@@ -131,7 +133,7 @@ def test_writes_outside(outside):
         import os
         targets = {{"canary": {str(canary)!r}, "canary_dir": {str(d / MARK)!r}, "project": {str(PROJECT_FILE)!r},
                    "project_dir": {str(REPO / MARK)!r}, "etc": "/etc/hostname", "etc_new": "/etc/{MARK}",
-                   "tmp": "/tmp/{MARK}", "shm": "/dev/shm/{MARK}", "var_tmp": "/var/tmp/{MARK}"}}
+                   "tmp": "/tmp/{MARK}", "shm": "/dev/shm/{MARK}", "var_tmp": "/var/tmp/{MARK}", "usr": "/usr/{MARK}"}}
         for key, path in targets.items():
             fd = libc.open(path.encode(), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)  # no bytes written
             say(key, "opened" if fd >= 0 else "denied " + os.strerror(ctypes.get_errno()))
@@ -145,8 +147,8 @@ def test_writes_outside(outside):
                 say(key, "denied " + e.strerror)
     """)
     out = said(res)
-    assert len(out) == 14 and all(v.startswith("denied") for v in out.values()), out
-    assert out["canary"] == "denied Read-only file system"  # mode 666 in a 777 dir: the read-only mount holds
+    assert len(out) == 15 and all(v.startswith("denied") for v in out.values()), out
+    assert out["usr"] == "denied Read-only file system"  # the system directories are read-only binds
     # its own directory is writable
     ok = run_tests("open('mine.txt', 'w').write('x' * 1000)", ["assert open('mine.txt').read() == 'x' * 1000"], timeout=1)
     assert ok.passed == 1

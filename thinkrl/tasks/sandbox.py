@@ -9,15 +9,15 @@ dies) → the wrapper (``unshare`` when namespaces are used) → the runner (tru
 itself, then runs the answer). How strongly it is confined depends on `isolation_mode()`:
 
 * ``"namespaces"`` (running as root, ``unshare`` works): new mount, PID, network, IPC and UTS
-  namespaces. In its mount namespace the runner remounts every mount read-only and ``nosuid``, mounts
-  a size-limited tmpfs as its working directory, hides this process's working directory (the
-  project), binds the standard library read-only inside its working directory, then drops to a fresh
-  unprivileged uid (one per call), with ``no_new_privs`` and (x86_64) a seccomp filter that refuses
-  ``socket()``, new namespaces, io_uring, bpf and perf_event_open. So: no file outside the working
-  directory can be written (kernel: read-only mounts), no network and no host unix socket, no process
-  outside can be seen or signalled, ``RLIMIT_NPROC`` bounds forks (it counts that uid), and when the
-  runner exits the kernel kills everything left in its PID namespace (daemons too); a sweep by the
-  uid kills anything that got out anyway.
+  namespaces. In its mount namespace the runner builds a new root, a read-only tmpfs holding only
+  read-only binds of /usr (and /lib*, /bin, /sbin) and the standard library, five devices (null, zero,
+  full, random, urandom), the /proc of its PID namespace and a size-limited tmpfs work dir; it chroots
+  into it and drops to a fresh unprivileged uid (one per call), with ``no_new_privs`` and (x86_64) a
+  seccomp filter that refuses ``socket()``, new namespaces, io_uring, bpf and perf_event_open. So: the
+  host's files (/etc, /home, the project) are not there to read or write, no network and no host unix
+  socket, no process outside can be seen or signalled, ``RLIMIT_NPROC`` bounds forks (it counts that
+  uid), and when the runner exits the kernel kills everything left in its PID namespace (daemons too);
+  a sweep by the uid kills anything that got out anyway.
 * ``"userns"`` (not root, unprivileged user namespaces work): PID, network, IPC and UTS namespaces
   (``unshare -r``); the code runs as your own user, so writes outside the working directory are
   refused only by the audit hook below; ``RLIMIT_NPROC`` is your process count + `MAX_PROCESSES`.
@@ -173,22 +173,6 @@ def _read_roots() -> list[str]:
     return sorted(os.path.realpath(r) for r in roots if r)
 
 
-def _hidden_dirs(work: str, stdlib: str) -> list[str]:
-    """Directories covered by an empty read-only tmpfs in the mount namespace: our working directory (the
-    project) and the shared writable places (temp dirs, /run: host unix sockets live there). The parent of
-    `work` is covered too; the runner re-creates `work` inside it."""
-    inside = lambda p, d: p == d or p.startswith(d.rstrip("/") + "/")
-    keep = (stdlib, os.path.realpath(sys.executable))
-    found = []
-    for d in (os.getcwd(), os.path.dirname(work), "/tmp", "/var/tmp", "/dev/shm", "/run"):
-        d = os.path.realpath(d)
-        if d != "/" and os.path.isdir(d) and d not in found and not any(inside(k, d) for k in keep) and \
-                (inside(work, d) <= (d == os.path.dirname(work))):
-            found.append(d)
-    found = [d for d in found if not any(o != d and inside(d, o) for o in found)]  # covered by a parent already
-    return sorted(found, key=len)
-
-
 def _run(job: dict, total: int, timeout: float, memory_mb: int, total_timeout: float | None,
          mode: str) -> SandboxResult:
     if total == 0:
@@ -203,8 +187,7 @@ def _run(job: dict, total: int, timeout: float, memory_mb: int, total_timeout: f
         work = os.path.realpath(tmp)
         stdlib = os.path.realpath(sysconfig.get_paths()["stdlib"])
         job.update(token=token, timeout=timeout, memory=memory_mb << 20, cpu=int(wall) + 1, read_roots=_read_roots(),
-                   work=work, uid=uid, stdlib=stdlib, hide=_hidden_dirs(work, stdlib) if uid is not None else [],
-                   nproc=nproc, work_mb=WORK_DIR_MB)
+                   work=work, uid=uid, stdlib=stdlib, nproc=nproc, work_mb=WORK_DIR_MB)
         with open(os.path.join(tmp, ".job.json"), "w") as f:
             json.dump(job, f)
         cmd = [sys.executable, "-I", "-S", "-c", RUNNER]
@@ -214,7 +197,7 @@ def _run(job: dict, total: int, timeout: float, memory_mb: int, total_timeout: f
             cmd = [shutil.which("unshare") or "unshare", "-r", *_NS_FLAGS[1:], "--", *cmd]
         if shutil.which("timeout"):  # kills the tree at the deadline even if this process is gone by then
             cmd = [shutil.which("timeout"), "-s", "KILL", f"{wall + 2.0:.1f}", *cmd]
-        env = {"PATH": "/usr/bin:/bin", "HOME": work, "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
+        env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
                "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         try:
             proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -284,13 +267,10 @@ RUNNER = r"""
 import io, json, os, resource, signal, sys
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND = 1, 2, 4, 8, 32, 4096
-MS_NOATIME, MS_NODIRATIME, MS_RELATIME, MS_STRICTATIME = 1024, 2048, 1 << 21, 1 << 24
-PER_MOUNT = {"nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME, "nodiratime": MS_NODIRATIME,
-             "relatime": MS_RELATIME, "strictatime": MS_STRICTATIME}
 
 def confine(job):
-    # Root in fresh mount/PID/net namespaces: make the whole tree read-only, give the code a tmpfs work
-    # dir, hide the caller's directory, then become an unprivileged uid that cannot undo any of it.
+    # Root in fresh mount/PID/net namespaces: build a new root (read-only, only what Python needs), chroot into
+    # it, then become an unprivileged uid that cannot undo any of it.
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
 
@@ -300,42 +280,43 @@ def confine(job):
             e = ctypes.get_errno()
             raise OSError(e, f"sandbox: mount {dst}: {os.strerror(e)}")
 
-    unesc = lambda s: s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-    mounts = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            mounts.append((unesc(parts[4]), parts[5].split(",")))
-    for point, opts in mounts:
-        flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID
-        for o in opts:
-            flags |= PER_MOUNT.get(o, 0)
-        try:
-            mount(None, point, None, flags)
-        except OSError:
-            if point == "/":
-                raise
+    ro = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID
     uid, work = job["uid"], job["work"]
-    parent = os.path.dirname(work)
-    for d in job["hide"]:
-        if d == parent:  # an empty tmpfs holding only the mount point of the work dir
-            mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0755")
-            os.mkdir(work, 0o700)
-            mount(None, d, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=0755")
-        else:
-            mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, "size=4k,mode=0755")
-    mount("tmpfs", work, "tmpfs", MS_NOSUID | MS_NODEV, f"size={job['work_mb']}m,mode=0700,uid={uid},gid={uid}")
-    stdlib = os.path.join(work, ".stdlib")
-    os.mkdir(stdlib, 0o555)
-    mount(job["stdlib"], stdlib, None, MS_BIND)
-    mount(None, stdlib, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
-    moved = lambda p: p.replace(job["stdlib"], stdlib, 1) if isinstance(p, str) and p.startswith(job["stdlib"]) else p
-    sys.path[:] = [moved(p) for p in sys.path]
-    for m in list(sys.modules.values()):  # packages imported at startup (collections, encodings) find submodules
-        if isinstance(getattr(m, "__path__", None), list):
-            m.__path__[:] = [moved(p) for p in m.__path__]
-    sys.path_importer_cache.clear()
-    os.chdir(work)  # the tmpfs, not the directory under it
+    new = work  # the empty host work dir is the mount point of the new root (a tmpfs)
+    mount("tmpfs", new, "tmpfs", MS_NOSUID, "size=1m,mode=0755")
+    inside = lambda p, d: p == d or p.startswith(d.rstrip("/") + "/")
+    binds = []
+    for src in ("/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin", job["stdlib"]):
+        if os.path.islink(src) and src.count("/") == 1:
+            os.symlink(os.readlink(src), new + src)  # merged /usr: /lib -> usr/lib
+        elif os.path.isdir(src) and not any(inside(src, b) for b in binds):
+            binds.append(src)
+    for src in binds:
+        os.makedirs(new + src, 0o755)
+        mount(src, new + src, None, MS_BIND)
+        mount(None, new + src, None, ro | MS_NODEV)
+    os.mkdir(new + "/dev", 0o755)
+    for dev in ("null", "zero", "full", "random", "urandom"):
+        if os.path.exists("/dev/" + dev):
+            open(new + "/dev/" + dev, "w").close()
+            mount("/dev/" + dev, new + "/dev/" + dev, None, MS_BIND)
+            mount(None, new + "/dev/" + dev, None, ro)
+    os.mkdir(new + "/proc", 0o555)
+    mount("proc", new + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)  # this PID namespace only
+    os.makedirs(new + work, 0o700)
+    mount("tmpfs", new + work, "tmpfs", MS_NOSUID | MS_NODEV, f"size={job['work_mb']}m,mode=0700,uid={uid},gid={uid}")
+    mount(None, new, None, ro | MS_NODEV)
+    # pivot_root, then detach the old root: the host's tree is no longer in this mount namespace at all
+    # (a chroot could be left through a user namespace where seccomp is not there to refuse one)
+    nr = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "s390x": 217, "riscv64": 41}.get(os.uname().machine)
+    os.chdir(new)
+    if nr is not None and libc.syscall(nr, b".", b".") == 0:
+        if libc.umount2(b".", 2) != 0:  # MNT_DETACH
+            raise OSError(ctypes.get_errno(), "sandbox: umount2(old root)")
+        os.chdir("/")
+    else:
+        os.chroot(new)
+    os.chdir(work)
     if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS: setuid binaries give nothing back
         raise OSError(ctypes.get_errno(), "sandbox: prctl(PR_SET_NO_NEW_PRIVS)")
     limit(resource.RLIMIT_NPROC, job["nproc"])
