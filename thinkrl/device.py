@@ -40,7 +40,7 @@ def check_dtype(device: torch.device, dtype: str | torch.dtype, what: str = "mod
     """A dtype the device cannot compute in fails with one line (instead of falling back silently)."""
     dt = resolve_dtype(dtype) if isinstance(dtype, str) else dtype
     if dt == torch.bfloat16 and not supports_bf16(device):
-        raise ValueError(f"{what}=bfloat16: {device_name(device)} ({device}) does not support bf16; use float32")
+        raise ValueError(f"{what}: bf16 on {device} ({device_name(device)}), which does not support it; use float32")
 
 
 def synchronize(device: torch.device) -> None:

@@ -51,6 +51,8 @@ def build_run(cfg, model_dir: str | None = None) -> Run:
     set_threads(cfg.run.threads)
     device = resolve_device(cfg.run.device)
     check_dtype(device, cfg.model.dtype)
+    if cfg.model.autocast_bf16:
+        check_dtype(device, torch.bfloat16, "model.autocast_bf16")
     task = make_task(cfg.task.name, cfg.task.params, cfg.task.system_prompt)
     src = model_dir or cfg.run.init_from
     if src and (src == "micro" or src in NAMED_MODELS):  # a model name, not a directory
