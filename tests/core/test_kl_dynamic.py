@@ -16,6 +16,8 @@ TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "mode
 class DigitShare(Arithmetic):
     """Arithmetic prompts with a dense toy reward (random micro models never solve them): the share of digits."""
 
+    reward_isolation = "inline"  # a count of characters: cannot hang (no reward worker processes to start)
+
     def reward(self, response, sample):
         return sum(c.isdigit() for c in response) / max(len(response), 1)
 

@@ -88,6 +88,7 @@ class GradedTask(Task):
     """Reward 1.0 for 'full', 0.5 for 'half', else 0.0."""
 
     name = "graded"
+    reward_isolation = "inline"  # a dict lookup: cannot hang
 
     def reward(self, response, sample):
         return {"full": 1.0, "half": 0.5}.get(response.strip(), 0.0)

@@ -16,6 +16,7 @@ from thinkrl.rollout.workflow import SingleTurnWorkflow
 from thinkrl.system.setup import build_run, make_workflow
 from thinkrl.system.train import train_rl
 from thinkrl.tasks import make_task
+from thinkrl.tasks.arithmetic import Arithmetic
 from thinkrl.tasks.base import FunctionTask, Task
 from thinkrl.tasks.isolation import Scorer, make_scorer, resolved_isolation
 from thinkrl.types import Generation, Sample, SamplingParams
@@ -115,6 +116,18 @@ def my_reward(response: str, sample: Sample) -> float:
     return 1.0
 
 
+class Overridden(Arithmetic):
+    def reward(self, response: str, sample: Sample) -> float:
+        return 1.0
+
+
+class Redeclared(Arithmetic):
+    reward_isolation = "inline"
+
+    def reward(self, response: str, sample: Sample) -> float:
+        return 1.0
+
+
 def test_auto_isolation_is_the_tasks_declaration():
     assert resolved_isolation(FunctionTask(my_reward), "auto") == "process"  # a user reward
     assert resolved_isolation(make_task("arithmetic"), "auto") == "inline"
@@ -122,6 +135,8 @@ def test_auto_isolation_is_the_tasks_declaration():
     assert resolved_isolation(make_task("math"), "auto") == "process"  # SymPy: one C call can run for minutes
     assert resolved_isolation(make_task("code"), "auto") == "thread"  # the sandbox is its own subprocess
     assert resolved_isolation(make_task("arithmetic"), "thread") == "thread"  # a configured mode wins
+    assert resolved_isolation(Overridden(), "auto") == "process"  # a built-in's reward replaced by user code
+    assert resolved_isolation(Redeclared(), "auto") == "inline"  # ... that declares its own
     with pytest.raises(ValueError, match="valid: auto, process, thread, inline"):
         resolved_isolation(make_task("arithmetic"), "gpu")
 

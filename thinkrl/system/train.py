@@ -38,11 +38,16 @@ def eval_max_tokens(cfg) -> int:
 
 def run_eval(cfg, engine, run, k: int | None = None, workflow=None) -> dict:
     """Held-out accuracy through the task's workflow (the one training runs: pass it to reuse its prompt cache),
-    at algo.correct_threshold."""
-    return evaluate(engine, workflow or make_workflow(cfg, run), run.eval_samples, eval_max_tokens(cfg),
-                    correct_threshold=cfg.algo.correct_threshold, k=cfg.eval.k if k is None else k,
-                    temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
-                    price_per_mtok=cfg.eval.price_per_mtok, extract_answer=run.task.extract_answer)
+    at algo.correct_threshold. A workflow made here is closed after (its reward workers stopped)."""
+    wf = workflow or make_workflow(cfg, run)
+    try:
+        return evaluate(engine, wf, run.eval_samples, eval_max_tokens(cfg),
+                        correct_threshold=cfg.algo.correct_threshold, k=cfg.eval.k if k is None else k,
+                        temperature=cfg.eval.temperature, batch_size=cfg.eval.batch_size,
+                        price_per_mtok=cfg.eval.price_per_mtok, extract_answer=run.task.extract_answer)
+    finally:
+        if workflow is None:
+            wf.close()
 
 
 def _adapters(policy) -> dict:

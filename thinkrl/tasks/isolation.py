@@ -263,7 +263,7 @@ class RewardPool:
                 blob = pickle.dumps(task)
             except Exception as e:  # noqa: BLE001
                 raise ValueError(f"RewardPool(mode='process'): task {getattr(task, 'name', task)!r} cannot be pickled ({e}); "
-                                 "define it at module level or use mode='thread'") from None
+                                 "define it at module level or set task.reward_isolation=thread") from None
             key = hashlib.sha1(blob).hexdigest()
             self._blobs = {id(task): (task, key, blob)}  # the task of the current batch
             return key, blob
@@ -383,11 +383,20 @@ class Scorer:
         self.pool.close()
 
 
+def declared_isolation(task) -> str:
+    """The task's `reward_isolation`, if the class declaring it is the one whose `reward` runs (or a subclass of
+    it): a subclass that overrides a built-in's reward without declaring its own runs user code, so "process"."""
+    mro = type(task).__mro__
+    reward_at = next(i for i, c in enumerate(mro) if "reward" in c.__dict__)
+    declared_at = next(i for i, c in enumerate(mro) if "reward_isolation" in c.__dict__)
+    return task.reward_isolation if declared_at <= reward_at else "process"
+
+
 def resolved_isolation(task, choice: str) -> str:
-    """``auto``: the task's declaration (`Task.reward_isolation`); otherwise the configured mode."""
+    """``auto``: the task's declaration (`declared_isolation`); otherwise the configured mode."""
     if choice not in ISOLATION:
         raise ValueError(f"task.reward_isolation: unknown value {choice!r}; valid: {', '.join(ISOLATION)}")
-    return task.reward_isolation if choice == "auto" else choice
+    return declared_isolation(task) if choice == "auto" else choice
 
 
 def make_scorer(task, tcfg) -> Scorer:
