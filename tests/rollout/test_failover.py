@@ -201,3 +201,35 @@ def test_failover_sigkilled_server_processes(tmp_path):
             if p.poll() is None:
                 p.kill()
             p.wait(10)
+
+
+def test_training_run_stops_with_one_line_when_every_server_is_down(tmp_path):
+    """`thinkrl train` with rollout.engine=remote: the only server dies after step 2; the run stops with one line
+    (exit 2, RemoteError is a RunFault) after the bounded retries, and the checkpoints written before stay."""
+    model = micro(0)
+    model.save_pretrained(tmp_path / "m")
+    TOK.save_pretrained(tmp_path / "m")
+    srv = serve()
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "thinkrl.cli", "train", "--config", "thinkrl/configs/quickstart.yaml",
+           f"model.path={tmp_path / 'm'}", "rollout.engine=remote", f"rollout.servers=[http://127.0.0.1:{srv.port}]",
+           "train.steps=8", "train.save_every=1", "rollout.batch_prompts=4", "rollout.n=2", "rollout.max_new_tokens=8",
+           f"run.output_dir={run}", "rollout.max_retries=1", "rollout.request_timeout=30", "log.progress=false"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        metrics = run / "metrics.jsonl"
+        wait_for(lambda: proc.poll() is None and metrics.exists() and len(metrics.read_text().splitlines()) >= 2,
+                 timeout=240)
+        kill(srv)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        kill(srv)
+    assert proc.returncode == 2, out[-3000:]
+    last = [line for line in out.splitlines() if line.strip()][-1]
+    assert last.startswith("thinkrl train: error:") and "no server reachable" in last, out[-3000:]
+    assert "Traceback" not in out
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts[:2] == ["step_000001", "step_000002"] and not any(p.endswith(".tmp") for p in ckpts)

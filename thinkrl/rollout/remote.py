@@ -42,6 +42,7 @@ from pathlib import Path
 
 import httpx
 
+from thinkrl.errors import RunFault
 from thinkrl.rollout.base import EngineCaps, InferenceEngine, register_engine, run_sync
 from thinkrl.rollout.weights import save_safetensors
 from thinkrl.types import Generation, SamplingParams
@@ -77,8 +78,9 @@ def _error_message(r: httpx.Response) -> str:
     return r.content[:300].decode("utf-8", "replace")
 
 
-class RemoteError(RuntimeError):
-    """A server answered with an error that retrying will not fix, or every retry failed."""
+class RemoteError(RunFault):
+    """A server answered with an error that retrying will not fix, or every retry failed (a run stops on it with
+    this one line; its checkpoints stay)."""
 
 
 class _Retry(Exception):
