@@ -1,6 +1,7 @@
 """Device and dtype resolution (device-agnostic code asks here, never hard-codes cuda)."""
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -65,6 +66,14 @@ def device_name(device: torch.device) -> str:
             pass
         return platform.processor() or "cpu"
     return device.type
+
+
+def deterministic_kernels(device: torch.device) -> None:
+    """run.deterministic on CUDA: torch's deterministic algorithms (cuBLAS with a fixed workspace, no atomics in
+    backward passes such as the embedding's), a warning where an op has none. The CPU's kernels already repeat."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def set_threads(n: int) -> None:

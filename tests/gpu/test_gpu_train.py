@@ -107,3 +107,18 @@ def test_async_rl_steps_with_the_engine_in_its_own_process(device, tmp_path, rep
     report("rl_async", {"device": str(device), "steps": len(recs),
                         "staleness_mean": [r["staleness/mean"] for r in recs],
                         "reward_mean": [r["reward/mean"] for r in recs]})
+
+
+@pytest.mark.parametrize("eta", [0, 1])
+def test_deterministic_runs_repeat_on_the_device(device, tmp_path, eta, report):
+    """run.deterministic: two runs give the same metrics bit for bit, on the device too."""
+    over = ["train.steps=3", "run.deterministic=true", f"rollout.max_staleness={eta}", "algo.loss=decoupled_ppo",
+            "rollout.placement=inline"]
+    a = _run(tmp_path / "a", device, over)
+    b = _run(tmp_path / "b", device, over)
+    keep = [k for k in a[0] if not k.startswith(("perf/", "buffer/")) and k != "time"]
+    diff = {k: max(abs(x[k] - y[k]) for x, y in zip(a, b)) for k in keep if isinstance(a[0][k], (int, float))}
+    report(f"deterministic_eta{eta}", {"device": str(device), "steps": len(a),
+                                       "max_metric_diff": max(diff.values()),
+                                       "differing": sorted(k for k, v in diff.items() if v != 0)})
+    assert all(v == 0 for v in diff.values()), {k: v for k, v in diff.items() if v != 0}

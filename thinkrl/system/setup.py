@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from thinkrl.data import load_task_data
-from thinkrl.device import check_dtype, resolve_device, set_threads
+from thinkrl.device import check_dtype, deterministic_kernels, resolve_device, set_threads
 from thinkrl.models.loading import NAMED_MODELS, load_checkpoint, load_policy
 from thinkrl.rollout.base import engine_class
 from thinkrl.rollout.workflow import SingleTurnWorkflow
@@ -53,6 +53,8 @@ def build_run(cfg, model_dir: str | None = None) -> Run:
     check_dtype(device, cfg.model.dtype)
     if cfg.model.autocast_bf16:
         check_dtype(device, torch.bfloat16, "model.autocast_bf16")
+    if cfg.run.deterministic:
+        deterministic_kernels(device)
     task = make_task(cfg.task.name, cfg.task.params, cfg.task.system_prompt)
     src = model_dir or cfg.run.init_from
     if src and (src == "micro" or src in NAMED_MODELS):  # a model name, not a directory
