@@ -146,6 +146,10 @@ def test_config_declares_and_checks_the_reward_fields():
     sc = make_scorer(make_task("arithmetic"), cfg.task)
     assert (sc.mode, sc.pool.num_workers, sc.pool.timeout) == ("thread", 3, 2.0)
     sc.close()
+    auto = load_config(None, ["task.reward_timeout=2"]).task
+    assert (make_scorer(make_task("arithmetic"), auto).pool.timeout, make_scorer(FunctionTask(my_reward), auto).pool.timeout,
+            make_scorer(make_task("arithmetic"), load_config(None, ["task.reward_isolation=inline"]).task).pool.timeout
+            ) == (None, 2.0, 10.0)  # a declared-bounded built-in runs without the watchdog; a configured inline keeps it
     with pytest.raises(ConfigError, match="task.reward_isolation"):
         load_config(None, ["task.reward_isolation=sometimes"])
     with pytest.raises(ConfigError, match="task.reward_workers"):

@@ -400,8 +400,12 @@ def resolved_isolation(task, choice: str) -> str:
 
 
 def make_scorer(task, tcfg) -> Scorer:
-    """The scorer of a run from its TaskConfig (reward_isolation, reward_timeout, reward_workers)."""
-    return Scorer(resolved_isolation(task, tcfg.reward_isolation), tcfg.reward_timeout or None, tcfg.reward_workers)
+    """The scorer of a run from its TaskConfig (reward_isolation, reward_timeout, reward_workers). A task that
+    declares its reward inline (it cannot hang) runs it under ``auto`` without the timeout's watchdog thread
+    (~0.2 ms a call); a configured ``inline`` keeps it."""
+    mode = resolved_isolation(task, tcfg.reward_isolation)
+    bounded = tcfg.reward_isolation == "auto" and mode == "inline"
+    return Scorer(mode, None if bounded else tcfg.reward_timeout or None, tcfg.reward_workers)
 
 
 def reward_fault_metrics(trajs) -> dict[str, float]:
