@@ -9,6 +9,7 @@
              ``data.prompt_field``, else the set above whose fields the first row has
 
     samples = load_formatted("aime_2024.jsonl", data_cfg)     # data_cfg.format: auto | gsm8k | math500 | aime
+    samples = load_format("gsm8k_test.jsonl", "gsm8k", limit=100)
 
 A bad row stops loading with one line naming file:line and the field (``test.jsonl:7: field 'answer' has no
 '#### <answer>' (GSM8K format)``). `tests/data/test_formats.py` reads the bundled samples
@@ -48,23 +49,23 @@ def _detect(row: dict, where: str) -> tuple[str, Format]:
                     "and data.answer_field")
 
 
-def resolve_format(path: str | Path, data_cfg) -> tuple[str, Format]:
-    """(format name, field mapping) of a file under `data_cfg.format` (see the module docstring)."""
-    name = data_cfg.format
+def _resolve(path: str | Path, name: str, fields: Format | None) -> tuple[str, Format]:
+    """(format name, field mapping) of a file read as format `name` (see the module docstring)."""
     if name not in FORMATS:
         raise DataError(f"data.format: unknown value {name!r}; valid: {', '.join(FORMATS)}")
     where, first = next(iter(iter_rows(path)), (str(path), None))
-    if name == "auto" and isinstance(first, dict) and data_cfg.prompt_field in first:
-        return "fields", Format(data_cfg.prompt_field, data_cfg.answer_field, data_cfg.id_field)
+    if name == "auto" and fields is not None and isinstance(first, dict) and fields.prompt_field in first:
+        return "fields", fields
     found, fmt = _detect(first, where)
     if name != "auto" and found != name and not {found, name} <= {"math500", "aime"}:
         raise DataError(f"{where}: data.format={name} but the row's fields are {found}'s")
     return (name if name != "auto" else found), fmt
 
 
-def load_formatted(path: str | Path, data_cfg, limit: int | None = None) -> list[Sample]:
-    """Samples of a data file under `data_cfg.format` (a standard math set, or the configured field mapping)."""
-    name, fmt = resolve_format(path, data_cfg)
+def load_format(path: str | Path, name: str, limit: int | None = None, fields: Format | None = None) -> list[Sample]:
+    """Samples of a data file in format `name` (auto | gsm8k | math500 | aime; `fields`: the mapping auto uses
+    when the first row has its prompt field)."""
+    name, fmt = _resolve(path, name, fields)
     samples = load_samples(path, prompt_field=fmt.prompt_field, answer_field=fmt.answer_field, id_field=fmt.id_field,
                            limit=limit)
     if name == "fields":
@@ -82,3 +83,9 @@ def load_formatted(path: str | Path, data_cfg, limit: int | None = None) -> list
         else:
             s.answer = str(s.answer).strip()
     return samples
+
+
+def load_formatted(path: str | Path, data_cfg, limit: int | None = None) -> list[Sample]:
+    """Samples of a data file under `data_cfg.format` (a standard math set, or the configured field mapping)."""
+    fields = Format(data_cfg.prompt_field, data_cfg.answer_field, data_cfg.id_field)
+    return load_format(path, data_cfg.format, limit, fields)

@@ -192,23 +192,17 @@ def verify(prediction: str, gold: str, timeout: float = 5.0) -> bool:
 
 
 def load_gsm8k(path: str | Path, limit: int | None = None) -> list[Sample]:
-    """GSM8K JSONL (``question``, ``answer`` ending in ``#### N``) -> Samples with answer ``"N"``."""
-    from thinkrl.data.datasets import load_samples
+    """GSM8K JSONL (``question``, ``answer`` ending in ``#### N``) -> Samples with answer ``"N"`` (data.format=gsm8k)."""
+    from thinkrl.data.formats import load_format
 
-    samples = load_samples(path, prompt_field="question", answer_field="answer", limit=limit)
-    for s in samples:
-        s.meta["solution"] = s.answer
-        s.answer = gold_answer(s.answer)
-    return samples
+    return load_format(path, "gsm8k", limit)
 
 
 def load_math(path: str | Path, limit: int | None = None) -> list[Sample]:
-    """MATH / MATH-500 JSONL (``problem``, ``answer``; ``unique_id`` when present) -> Samples."""
-    from thinkrl.data.datasets import iter_rows, load_samples
+    """MATH / MATH-500 JSONL (``problem``, ``answer``; ``unique_id`` when present) -> Samples (data.format=math500)."""
+    from thinkrl.data.formats import load_format
 
-    first = next(iter(iter_rows(path)))[1]
-    id_field = "unique_id" if isinstance(first, dict) and "unique_id" in first else ""
-    return load_samples(path, prompt_field="problem", answer_field="answer", id_field=id_field, limit=limit)
+    return load_format(path, "math500", limit)
 
 
 # ----------------------------------------------------------------------------- the task
