@@ -7,7 +7,8 @@ SGLang-native /generate; every answer must be a 200 with the tokens it announced
 Phase 2 (overload, --overload-seconds): twice as many clients as the queue holds, on /generate; the server must
 answer the excess with 503 + Retry-After and stay up (checked after with /health and one generation).
 Reported: requests, errors, latency p50/p99 (s), completion tokens/s, peak RSS of the server process (MB, its
-VmHWM), the 503 count of the overload phase and whether the server was up after it.
+VmHWM: `peak_rss_mb_load` after phase 1, `peak_rss_mb` after both), the 503 count of the overload phase and
+whether the server was up after it.
 """
 from __future__ import annotations
 
@@ -125,7 +126,7 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
-async def _load(a, url: str, model: str) -> dict:
+async def _load(a, url: str, model: str, pid: int) -> dict:
     import httpx
     import openai
     limits = httpx.Limits(max_connections=4 * a.clients + 16, max_keepalive_connections=4 * a.clients + 16)
@@ -159,6 +160,7 @@ async def _load(a, url: str, model: str) -> dict:
                "requests_per_s": round(len(lat) / wall, 1), "by_kind": by_kind, "wall_s": round(wall, 2)}
         if samples:
             res["error_samples"] = samples
+        res["peak_rss_mb_load"] = round(_peak_rss_mb(pid), 1)  # before the overload phase
         if a.overload_seconds > 0:
             res["overload"] = await _overload(a, http, url)
         await oai.close()
@@ -210,7 +212,7 @@ def bench_serve(argv: list[str]) -> dict:
                 async with httpx.AsyncClient(timeout=10, trust_env=False) as http:
                     await _wait_up(http, url, proc)
                     model = (await http.get(url + "/v1/models")).json()["data"][0]["id"]
-                return await _load(a, url, model)
+                return await _load(a, url, model, proc.pid)
             res = asyncio.run(go())
             res.update(peak_rss_mb=round(_peak_rss_mb(proc.pid), 1), server_alive=proc.poll() is None,
                        clients=a.clients, seconds=a.seconds, max_tokens=a.max_tokens, cores=os.cpu_count())
