@@ -70,7 +70,9 @@ def device_name(device: torch.device) -> str:
 
 def deterministic_kernels(device: torch.device) -> None:
     """run.deterministic on CUDA: torch's deterministic algorithms (cuBLAS with a fixed workspace, no atomics in
-    backward passes such as the embedding's), a warning where an op has none. The CPU's kernels already repeat."""
+    backward passes such as the embedding's) in warn-only mode: an op without a deterministic implementation warns
+    instead of failing the run (SDPA's memory-efficient backward is one that then stays nondeterministic;
+    tests/gpu checks whether runs repeat). The CPU's kernels already repeat."""
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
