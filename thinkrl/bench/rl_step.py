@@ -89,7 +89,7 @@ def make_config(a: argparse.Namespace):
 
     ov = [f"rollout.batch_prompts={a.prompts}", f"rollout.n={a.n}", f"rollout.max_new_tokens={a.max_new_tokens}",
           "algo.kl_coef=0", "algo.ppo_epochs=1", "algo.loss=ppo", "rollout.max_staleness=0",  # TRL's step: sync PPO-clip
-          f"run.seed={a.seed}", f"run.threads={a.threads if a.device == 'cpu' else 0}",  # CPU threads: CPU only
+          f"run.seed={a.seed}", f"run.threads={a.threads if a.device == 'cpu' else 0}",  # CPU threads on the CPU
           f"run.device={a.device}", f"data.num_train={a.num_train}", "data.num_eval=16", "log.progress=false"]
     if a.lr:
         ov.append(f"algo.lr={a.lr}")
