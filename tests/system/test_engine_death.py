@@ -113,7 +113,6 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow  # ~40 s: a run in a subprocess with its engine process; the engine-level tests above are fast
 def test_a_run_whose_engine_process_is_killed_stops_with_one_line(tmp_path):
     script = tmp_path / "drive.py"
     script.write_text(DRIVER)

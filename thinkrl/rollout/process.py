@@ -234,8 +234,10 @@ class ProcessEngine(InferenceEngine):
                 raise EngineProcessError(self.exit_reason())
             try:
                 self._conn.send(msg)
-            except OSError as e:  # the process died between the check and the write
-                raise EngineProcessError(f"{self.exit_reason()} ({e})") from None
+            except OSError as e:  # the process died between the check and the write: wait for its exit code
+                self._proc.join(timeout=5)
+                why = self.exit_reason()
+                raise EngineProcessError(why if self._proc.exitcode is not None else f"{why} ({e})") from None
 
     def control(self, op: str, *args) -> concurrent.futures.Future:
         """Send a control operation; the future holds its result once the engine process has done it."""
