@@ -351,7 +351,7 @@ def test_official_openai_client_streams(served):
     """The OpenAI SDK streams completions and chat (SSE chunks, then [DONE]); the pieces join to the
     non-streamed answer; include_usage adds the usage chunk; top-N log-probs arrive per chunk."""
     openai = pytest.importorskip("openai")
-    _, port, model = served
+    server, port, model = served
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
     args = dict(model="micro", prompt=PROMPT, max_tokens=6, temperature=0)
     whole = client.completions.create(**args)
@@ -360,8 +360,11 @@ def test_official_openai_client_streams(served):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
-    per_token = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
-    assert len(per_token) == whole.usage.completion_tokens and all(len(p.top_logprobs[0]) >= 2 for p in per_token)
+    per_chunk = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert sum(len(p.tokens) for p in per_chunk) == whole.usage.completion_tokens
+    assert all(len(top) >= 2 for p in per_chunk for top in p.top_logprobs)
+    if EmbeddedEngine is not None and isinstance(server.engine, EmbeddedEngine):  # it streams token by token
+        assert len(per_chunk) == whole.usage.completion_tokens
     msgs = [{"role": "user", "content": "1+2"}]
     whole = client.chat.completions.create(model="micro", messages=msgs, max_tokens=6, temperature=0)
     chunks = list(client.chat.completions.create(model="micro", messages=msgs, max_tokens=6, temperature=0,
@@ -371,3 +374,26 @@ def test_official_openai_client_streams(served):
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
     tops = [c.choices[0].logprobs.content[0].top_logprobs for c in chunks if c.choices[0].logprobs]
     assert tops and all(len(t) == 3 for t in tops)
+
+
+def test_streamed_text_holds_back_stop_strings(served):
+    """A stop string met mid-stream: the streamed pieces join to the non-streamed (trimmed) text, and no piece
+    sent ever shows part of the stop string."""
+    _, port, _ = served
+    base = {"model": "micro", "prompt": PROMPT, "max_tokens": 20, "temperature": 1.0, "seed": 1}
+    full = call(port, "/v1/completions", base)[1]["choices"][0]["text"]
+    if len(full) < 6:
+        pytest.skip("the continuation is too short to cut")
+    stop = full[3:5]
+    want = call(port, "/v1/completions", {**base, "stop": [stop]})[1]["choices"][0]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("POST", "/v1/completions", body=json.dumps({**base, "stop": [stop], "stream": True}),
+                 headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    events = [line[6:] for line in r.read().decode().split("\n\n") if line.startswith("data: ")]
+    conn.close()
+    assert r.status == 200 and r.getheader("content-type").startswith("text/event-stream") and events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    pieces = [c["choices"][0]["text"] for c in chunks]
+    assert "".join(pieces) == want["text"] and stop not in "".join(pieces)
+    assert chunks[-1]["choices"][0]["finish_reason"] == want["finish_reason"] == "stop"

@@ -58,6 +58,17 @@ class EngineCaps:
 GenerateCall = tuple[list[int], "SamplingParams | None", int]  # (input_ids, params, n): one generate call
 
 
+@dataclass
+class StreamEvent:
+    """Tokens of one of the n samples of a streamed generate call, as they are sampled (generate_stream)."""
+
+    index: int  # which of the n samples
+    tokens: list[int]  # new since this sample's previous event
+    logprobs: list[float]
+    top_logprobs: list | None = None  # per new token, its top-N (SamplingParams.top_logprobs), else None
+    done: Generation | None = None  # on the sample's last event: the whole Generation (the truth for its tokens)
+
+
 class InferenceEngine(abc.ABC):
     caps: ClassVar[EngineCaps]
     name: ClassVar[str] = ""  # the registry name (register_engine)
@@ -103,6 +114,12 @@ class InferenceEngine(abc.ABC):
         """Several generate calls at once; engines that can submit them together (one scheduling decision,
         so the batches do not depend on timing) override this."""
         return list(await asyncio.gather(*[self.generate(ids, params, n) for ids, params, n in requests]))
+
+    async def generate_stream(self, input_ids: list[int], params: SamplingParams | None = None, n: int = 1):
+        """generate(), as an async iterator of StreamEvents; this default yields each sample once, when all are
+        done (the embedded engine streams every token as it is sampled)."""
+        for i, g in enumerate(await self.generate(input_ids, params, n)):
+            yield StreamEvent(i, list(g.tokens), list(g.logprobs), g.top_logprobs, done=g)
 
     def generate_batch(self, prompts: list[list[int]], params: SamplingParams | None = None,
                        n: int = 1) -> list[list[Generation]]:

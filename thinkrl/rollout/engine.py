@@ -31,7 +31,7 @@ import threading
 
 import torch
 
-from thinkrl.rollout.base import EngineCaps, GenerateCall, InferenceEngine, register_engine
+from thinkrl.rollout.base import EngineCaps, GenerateCall, InferenceEngine, StreamEvent, register_engine
 from thinkrl.rollout.model_runner import ModelRunner, Sampled
 from thinkrl.rollout.scheduler import Scheduler
 from thinkrl.rollout.sequence import Request, Sequence, new_request
@@ -80,6 +80,7 @@ class EmbeddedEngine(InferenceEngine):
         self._cv = threading.Condition()  # the waiting queue and the worker's lifecycle
         self._step_lock = threading.RLock()  # held while a step runs: pause and loads wait for a token boundary
         self._paused = self._closed = False
+        self._streaming = 0  # streamed requests in flight (generate_stream): the steps hand them their tokens
         self._thread: threading.Thread | None = None
 
     @classmethod
@@ -118,6 +119,47 @@ class EmbeddedEngine(InferenceEngine):
             for req in reqs:
                 self._cancel(req)
             raise
+
+    async def generate_stream(self, input_ids: list[int], params: SamplingParams | None = None, n: int = 1):
+        """generate(), as an async iterator of StreamEvents: every sampled token as the step that sampled it
+        ends, then each sample's whole Generation. Closing the iterator early cancels the request."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def put(item):
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is gone
+                pass
+
+        req = self._request(input_ids, params, n, lambda res: put(("done", res)))
+        req.on_tokens = lambda events: put(("tokens", events))
+        self._streaming += 1
+        try:
+            self._enqueue([req])
+        except BaseException:
+            self._streaming -= 1
+            raise
+        sent = [0] * n
+        try:
+            while True:
+                kind, item = await queue.get()
+                if kind == "tokens":
+                    for i, tok, lp, top in item:
+                        sent[i] += 1
+                        yield StreamEvent(i, [tok], [lp], None if top is None else [top])
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                for i, g in enumerate(item):  # the rest of each sample (nothing, unless it was cut short)
+                    rest = slice(min(sent[i], len(g.tokens)), None)
+                    yield StreamEvent(i, g.tokens[rest], g.logprobs[rest],
+                                      None if g.top_logprobs is None else g.top_logprobs[rest], done=g)
+                return
+        finally:
+            self._streaming -= 1
+            if not req.cancelled and req.left > 0:  # closed early (a client gone): free its slots
+                self._cancel(req)
 
     def generate_batch(self, prompts: list[list[int]], params: SamplingParams | None = None,
                        n: int = 1) -> list[list[Generation]]:
@@ -244,11 +286,26 @@ class EmbeddedEngine(InferenceEngine):
     def _postprocess(self, sampled: Sampled, done: list) -> None:
         """Finish the sequences that ended: on a stop token, at max_new_tokens, or on a stop string."""
         idx, tok, ended = sampled
+        if self._streaming:
+            self._stream_tokens(idx)
         if self.scheduler.n_stopstr:
             ended.update(dict.fromkeys(self._stop_strings(idx, tok), 1))
         gens = self.runner.generated() if ended else []
         for slot, is_stop in ended.items():
             self._finish(self.scheduler.running[slot], "stop" if is_stop else "length", gens[slot], done)
+
+    def _stream_tokens(self, idx: torch.Tensor) -> None:
+        """Hand the tokens just sampled to the streamed requests (before any of them is finished and freed)."""
+        running = self.scheduler.running
+        slots = [s for s in idx.tolist() if s in running and running[s].req.on_tokens is not None]
+        if not slots:
+            return
+        by_req: dict = {}
+        for s, (tok, lp, top) in zip(slots, self.runner.latest(slots)):
+            seq = running[s]
+            by_req.setdefault(seq.req, []).append((seq.req.seqs.index(seq), tok, lp, top))
+        for req, events in by_req.items():
+            req.on_tokens(events)
 
     def _stop_strings(self, idx: torch.Tensor, tok: torch.Tensor) -> list[int]:
         hits = []

@@ -142,6 +142,13 @@ class ModelRunner:
         """The first n generated tokens of `slot` and their log-probs."""
         return self.st.out_tok[slot, :n].tolist(), self.st.out_lp[slot, :n].tolist()
 
+    def latest(self, slots: list[int]) -> list[tuple[int, float, list | None]]:
+        """The token each of `slots` sampled last, its log-prob and its top-N (None: not asked for)."""
+        idx = torch.tensor(slots, device=self.device)
+        g = self.st.gen[idx] - 1
+        toks, lps = self.st.out_tok[idx, g].tolist(), self.st.out_lp[idx, g].tolist()
+        return [(t, lp, self.top[s][-1] if s in self.top_n else None) for s, t, lp in zip(slots, toks, lps)]
+
     def top_output(self, slot: int, n: int) -> list[list[tuple[int, float]]] | None:
         """The top-N alternatives of the first n generated tokens of `slot` (None: not asked for)."""
         return self.top[slot][:n] if slot in self.top_n else None

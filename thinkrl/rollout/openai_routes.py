@@ -2,10 +2,11 @@
 of rollout.server.Server, in the shapes vLLM answers: log-probs with top-N alternatives (`logprobs=N` in
 completions: per token a dict of the N most likely plus the sampled token; `logprobs=true, top_logprobs=N` in
 chat: `content[i].top_logprobs`), token ids on request (`return_token_ids`, vLLM's extension), each choice's
-`token_versions` (thinkrl's), and `stream=true`: server-sent events, one chunk per token in OpenAI's chunk
-shapes, then `data: [DONE]` (`stream_options.include_usage`: a last chunk with the usage). The engines return
-whole generations, so a choice's chunks are sent together once it is complete: the wire format of streaming,
-not its latency."""
+`token_versions` (thinkrl's), and `stream=true`: server-sent events in OpenAI's chunk shapes, then
+`data: [DONE]` (`stream_options.include_usage`: a last chunk with the usage). Chunks follow the engine's
+`generate_stream`: the embedded engine hands over every token as it is sampled (text that could still become a
+stop string is held back until it cannot); other engines give each sample when it is done. An engine error
+after the first chunk is a last `data: {"error": ...}` event."""
 from __future__ import annotations
 
 import json
@@ -15,14 +16,53 @@ import uuid
 from fastapi.responses import StreamingResponse
 
 from thinkrl.rollout.api_fields import APIError, check_neutral, get_field, get_id_lists, get_str_list
+from thinkrl.rollout.base import StreamEvent
 from thinkrl.types import Generation
 
 
+def _event(e) -> str:
+    return f"data: {json.dumps(e, separators=(',', ':'), allow_nan=False)}\n\n"
+
+
 async def sse(events):
-    """Server-sent events: `data: {json}` per event, then `data: [DONE]`."""
-    for e in events:
-        yield f"data: {json.dumps(e, separators=(',', ':'), allow_nan=False)}\n\n"
+    """Server-sent events: `data: {json}` per event (a list, or an async iterator: an APIError in it becomes
+    an error event), then `data: [DONE]`."""
+    if hasattr(events, "__aiter__"):
+        try:
+            async for e in events:
+                yield _event(e)
+        except APIError as e:
+            yield _event(e.payload())
+    else:
+        for e in events:
+            yield _event(e)
     yield "data: [DONE]\n\n"
+
+
+class _TextStream:
+    """A choice's text as its tokens arrive: what is safe to send now (nothing that could still turn out to be
+    part of a stop string, or an incomplete UTF-8 character), then the rest of its final text."""
+
+    def __init__(self, tokenizer, skip: bool, stops: list[str]):
+        self.tokenizer, self.skip, self.stops = tokenizer, skip, [x for x in stops if x]
+        self.hold = max((len(x) for x in self.stops), default=1) - 1
+        self.tokens: list[int] = []
+        self.sent = 0  # characters sent
+
+    def push(self, tokens: list[int]) -> str:
+        self.tokens += tokens
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=self.skip)
+        safe = min([len(text) - self.hold] + [text.find(x) for x in self.stops if x in text])
+        while safe > self.sent and text[safe - 1] == "\ufffd":
+            safe -= 1
+        piece = text[self.sent:safe] if safe > self.sent else ""
+        self.sent += len(piece)
+        return piece
+
+    def finish(self, final: str) -> str:
+        piece = final[self.sent:]
+        self.sent += len(piece)
+        return piece
 
 
 class OpenAIRoutes:
@@ -57,17 +97,6 @@ class OpenAIRoutes:
 
     def _token_str(self, t: int, as_ids: bool) -> str:
         return f"token_id:{t}" if as_ids else self.tokenizer.decode([t])
-
-    def _pieces(self, tokens: list[int], text: str, skip: bool) -> list[str]:
-        """`text` (the choice's final text) split over its tokens, for streaming: piece k is what token k adds."""
-        out, prev = [], 0
-        for k in range(len(tokens)):
-            cur = max(prev, min(len(self.tokenizer.decode(tokens[: k + 1], skip_special_tokens=skip)), len(text)))
-            out.append(text[prev:cur])
-            prev = cur
-        if out:
-            out[-1] += text[prev:]
-        return out
 
     @staticmethod
     def _usage(prompts, results) -> dict:
@@ -114,10 +143,32 @@ class OpenAIRoutes:
         skip = get_field(body, "skip_special_tokens", "bool", True)
         trim = not get_field(body, "include_stop_str_in_output", "bool", False)
         with_ids = get_field(body, "return_token_ids", "bool", False)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": self.served_name}
+        if stream:
+            events = await self._primed(self.stream(prompts, params, n))
+
+            def piece(c: int, ev: StreamEvent, text: str, done: bool) -> list[dict]:
+                ch = {"index": c, "text": text, "logprobs": None, "finish_reason": None}
+                if lp is not None and ev.tokens:
+                    g = Generation(ev.tokens, ev.logprobs, [], "", ev.top_logprobs)
+                    ch["logprobs"] = self._completion_logprobs(g, slice(None), as_ids, offsets[c])
+                    offsets[c] += sum(len(t) for t in ch["logprobs"]["tokens"])
+                out = [{**head, "choices": [ch]}] if text or ev.tokens else []
+                if done:
+                    g = ev.done
+                    last = {"index": c, "text": "", "logprobs": None, "finish_reason": g.finish,
+                            "token_versions": list(g.versions)}
+                    if with_ids:
+                        last.update(token_ids=list(g.tokens), prompt_token_ids=list(prompts[c // n]))
+                    out.append({**head, "choices": [last]})
+                return out
+
+            offsets = [0] * (len(prompts) * n)
+            chunks = self._chunks(events, prompts, params, n, skip, trim, piece, head if usage else None)
+            return StreamingResponse(sse(chunks), media_type="text/event-stream")
         results = await self.run(prompts, params, n)
-        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": cid, "object": "text_completion", "created": created, "model": self.served_name}
-        choices, events = [], []
+        choices = []
         for i, (prompt_ids, gens) in enumerate(zip(prompts, results)):
             for j, g in enumerate(gens):
                 text = self.text_of(g, params, skip, trim)[0]
@@ -128,28 +179,39 @@ class OpenAIRoutes:
                 if with_ids:
                     choice.update(token_ids=list(g.tokens), prompt_token_ids=list(prompt_ids))
                 choices.append(choice)
-                if stream:
-                    events += self._completion_chunks(head, choice, g, text, skip, as_ids, lp is not None)
-        if stream:
-            if usage:
-                events.append({**head, "choices": [], "usage": self._usage(prompts, results)})
-            return StreamingResponse(sse(events), media_type="text/event-stream")
         return {**head, "choices": choices, "usage": self._usage(prompts, results)}
 
-    def _completion_chunks(self, head, choice, g: Generation, text, skip, as_ids, want_lp) -> list[dict]:
-        chunks, at = [], 0
-        for k, piece in enumerate(self._pieces(g.tokens, text, skip)):
-            c = {"index": choice["index"], "text": piece, "logprobs": None, "finish_reason": None}
-            if want_lp:
-                c["logprobs"] = self._completion_logprobs(g, slice(k, k + 1), as_ids, at)
-                at += len(c["logprobs"]["tokens"][0])
-            chunks.append({**head, "choices": [c]})
-        last = {"index": choice["index"], "text": "", "logprobs": None, "finish_reason": g.finish,
-                "token_versions": list(g.versions)}
-        for key in ("token_ids", "prompt_token_ids"):
-            if key in choice:
-                last[key] = choice[key]
-        return chunks + [{**head, "choices": [last]}]
+    @staticmethod
+    async def _primed(events):
+        """The engine's stream with its first event already awaited: admission (503) and errors before the first
+        token are answered as statuses, not inside a 200 stream."""
+        try:
+            first = await events.__anext__()
+        except StopAsyncIteration:
+            first = None
+
+        async def rest():
+            if first is not None:
+                yield first
+            async for ev in events:
+                yield ev
+        return rest()
+
+    async def _chunks(self, events, prompts, params, n: int, skip: bool, trim: bool, piece, usage_head):
+        """Chunks from (prompt index, StreamEvent)s: `piece(choice, event, text, done)` makes a choice's chunks
+        from its new text; the text is held back while it could still become a stop string; usage at the end."""
+        texts = [_TextStream(self.tokenizer, skip, params.stop) for _ in range(len(prompts) * n)]
+        done: list[Generation] = []
+        async for i, ev in events:
+            c = i * n + ev.index
+            text = texts[c].push(ev.tokens)
+            if ev.done is not None:
+                text += texts[c].finish(self.text_of(ev.done, params, skip, trim)[0])
+                done.append(ev.done)
+            for chunk in piece(c, ev, text, ev.done is not None):
+                yield chunk
+        if usage_head is not None:
+            yield {**usage_head, "choices": [], "usage": self._usage(prompts, [done])}
 
     # ------------------------------------------------------------------------------------------ chat
     def _chat_logprobs(self, g: Generation, k: slice, as_ids: bool, top_n: int) -> dict:
@@ -195,11 +257,36 @@ class OpenAIRoutes:
         as_ids = get_field(body, "return_tokens_as_token_ids", "bool", False)
         skip = get_field(body, "skip_special_tokens", "bool", True)
         with_ids = get_field(body, "return_token_ids", "bool", False)
-        results = await self.run([ids], params, n)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.served_name}
-        choices, events = [], []
-        chunk_head = {**head, "object": "chat.completion.chunk"}
+        if stream:
+            chunk_head = {**head, "object": "chat.completion.chunk"}
+            events = await self._primed(self.stream([ids], params, n))
+            started = set()
+
+            def piece(j: int, ev: StreamEvent, text: str, done: bool) -> list[dict]:
+                out = []
+                if j not in started:  # a choice's first chunk: its role
+                    started.add(j)
+                    out.append({**chunk_head, "choices": [{"index": j, "delta": {"role": "assistant", "content": ""},
+                                                           "logprobs": None, "finish_reason": None}]})
+                if text or ev.tokens:
+                    g = Generation(ev.tokens, ev.logprobs, [], "", ev.top_logprobs)
+                    lps = self._chat_logprobs(g, slice(None), as_ids, top_n) if want_lp and ev.tokens else None
+                    out.append({**chunk_head, "choices": [{"index": j, "delta": {"content": text}, "logprobs": lps,
+                                                           "finish_reason": None}]})
+                if done:
+                    last = {"index": j, "delta": {}, "logprobs": None, "finish_reason": ev.done.finish,
+                            "token_versions": list(ev.done.versions)}
+                    if with_ids:
+                        last["token_ids"] = list(ev.done.tokens)
+                    out.append({**chunk_head, "choices": [last]})
+                return out
+
+            chunks = self._chunks(events, [ids], params, n, skip, True, piece, chunk_head if usage else None)
+            return StreamingResponse(sse(chunks), media_type="text/event-stream")
+        results = await self.run([ids], params, n)
+        choices = []
         for j, g in enumerate(results[0]):
             text = self.text_of(g, params, skip)[0]
             choice = {"index": j, "message": {"role": "assistant", "content": text}, "logprobs": None,
@@ -209,20 +296,4 @@ class OpenAIRoutes:
             if with_ids:
                 choice["token_ids"] = list(g.tokens)
             choices.append(choice)
-            if stream:
-                events.append({**chunk_head, "choices": [{"index": j, "delta": {"role": "assistant", "content": ""},
-                                                          "logprobs": None, "finish_reason": None}]})
-                for k, piece in enumerate(self._pieces(g.tokens, text, skip)):
-                    lps = self._chat_logprobs(g, slice(k, k + 1), as_ids, top_n) if want_lp else None
-                    events.append({**chunk_head, "choices": [{"index": j, "delta": {"content": piece},
-                                                              "logprobs": lps, "finish_reason": None}]})
-                last = {"index": j, "delta": {}, "logprobs": None, "finish_reason": g.finish,
-                        "token_versions": list(g.versions)}
-                if with_ids:
-                    last["token_ids"] = list(g.tokens)
-                events.append({**chunk_head, "choices": [last]})
-        if stream:
-            if usage:
-                events.append({**chunk_head, "choices": [], "usage": self._usage([ids], results)})
-            return StreamingResponse(sse(events), media_type="text/event-stream")
         return {**head, "choices": choices, "usage": self._usage([ids], results)}

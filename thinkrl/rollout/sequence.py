@@ -23,6 +23,8 @@ class Request:
     left: int = 0  # sequences not finished yet
     window: int = 0  # decoded tokens searched for stop strings
     cancelled: bool = False
+    on_tokens: Callable[[list], None] | None = None  # streamed: called after each step with [(index, token,
+    # logprob, top-N or None)] for the sequences that sampled a token
 
     @property
     def need(self) -> int:  # reserved KV positions per sequence

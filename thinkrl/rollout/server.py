@@ -285,12 +285,7 @@ class Server(NativeRoutes, OpenAIRoutes):
     async def run(self, prompts: list[list[int]], params: SamplingParams, n: int) -> list[list[Generation]]:
         """n generations per prompt from the engine; beyond max_queue a 503 (with Retry-After), engine errors a
         400 (ValueError) or 500."""
-        self.counters["requests"] += 1
-        if self.queued + len(prompts) > self.max_queue:
-            self.counters["rejected_503"] += 1
-            raise APIError(503, f"server overloaded: {self.queued} requests in flight (max_queue={self.max_queue})",
-                           "overloaded_error", {"Retry-After": str(self.retry_after)})
-        self.queued += len(prompts)
+        self._admit(len(prompts))
         try:
             futs = [asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.engine.generate(p, params, n),
                                                                          self._eloop)) for p in prompts]
@@ -301,6 +296,55 @@ class Server(NativeRoutes, OpenAIRoutes):
             log.exception("thinkrl serve: engine error")
             raise APIError(500, f"engine error: {type(e).__name__}: {e}", "internal_error") from None
         finally:
+            self.queued -= len(prompts)
+
+    def _admit(self, k: int) -> None:
+        """k more prompts in flight, or a 503 with Retry-After beyond max_queue."""
+        self.counters["requests"] += 1
+        if self.queued + k > self.max_queue:
+            self.counters["rejected_503"] += 1
+            raise APIError(503, f"server overloaded: {self.queued} requests in flight (max_queue={self.max_queue})",
+                           "overloaded_error", {"Retry-After": str(self.retry_after)})
+        self.queued += k
+
+    async def stream(self, prompts: list[list[int]], params: SamplingParams, n: int):
+        """(prompt index, StreamEvent) as the engine samples (engine.generate_stream, run on the engine loop);
+        admission and errors as run(). Closing it early cancels the engine's requests."""
+        self._admit(len(prompts))
+        hloop, queue = asyncio.get_running_loop(), asyncio.Queue()
+
+        def put(item):
+            try:
+                hloop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the HTTP loop is gone
+                pass
+
+        async def pump(i: int, prompt: list[int]):
+            try:
+                async for ev in self.engine.generate_stream(prompt, params, n):
+                    put((i, ev))
+                put((i, None))
+            except BaseException as e:
+                put((i, e))
+                raise
+
+        futs = [asyncio.run_coroutine_threadsafe(pump(i, p), self._eloop) for i, p in enumerate(prompts)]
+        try:
+            left = len(prompts)
+            while left:
+                i, ev = await queue.get()
+                if ev is None:
+                    left -= 1
+                elif isinstance(ev, ValueError):
+                    raise APIError(400, str(ev))
+                elif isinstance(ev, BaseException):
+                    log.error("thinkrl serve: engine error: %s: %s", type(ev).__name__, ev)
+                    raise APIError(500, f"engine error: {type(ev).__name__}: {ev}", "internal_error")
+                else:
+                    yield i, ev
+        finally:
+            for f in futs:
+                f.cancel()
             self.queued -= len(prompts)
 
     def text_of(self, g: Generation, params: SamplingParams, skip_special: bool = True, trim: bool = True):
