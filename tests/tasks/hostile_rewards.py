@@ -48,11 +48,11 @@ class Hostile(Arithmetic):
 
 
 class SlowOn(Task):
-    """Reward 1, but the sample "slow" hangs in one C call for a minute."""
+    """Reward 1; the sample "slow" waits until the file named by its answer exists (the other episodes are done)."""
 
     reward_isolation = "process"
 
     def reward(self, response: str, sample: Sample) -> float:
-        if sample.id == "slow":
-            time.sleep(60)
+        while sample.id == "slow" and not os.path.exists(sample.answer):
+            time.sleep(0.02)
         return 1.0

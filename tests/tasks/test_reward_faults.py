@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from thinkrl.system.setup import build_run, make_workflow
 from thinkrl.system.train import train_rl
 from thinkrl.tasks import make_task
 from thinkrl.tasks.arithmetic import Arithmetic
-from thinkrl.tasks.base import FunctionTask, Task
+from thinkrl.tasks.base import FunctionTask
 from thinkrl.tasks.isolation import Scorer, make_scorer, resolved_isolation
 from thinkrl.types import Generation, Sample, SamplingParams
 
@@ -70,15 +69,18 @@ class CountingEngine:
         return [Generation([5], [-0.1], [0], "stop") for _ in range(n)]
 
 
-def _finish_order(task, scorer, tok) -> tuple[list[str], list]:
-    """Seven episodes at once, the hanging one first: the order in which they finish, and their trajectories."""
+def _finish_order(task, scorer, tok, done_file) -> tuple[list[str], list]:
+    """Seven episodes at once, the slow one first: the order in which they finish, and their trajectories. When
+    the six others have finished, `done_file` is created (the slow reward waits for it)."""
     wf = SingleTurnWorkflow(task, tok, SamplingParams(max_new_tokens=1), 1, scorer=scorer)
-    samples = [Sample("slow", "1+1")] + [Sample(f"fast{i}", "1+1") for i in range(6)]
+    samples = [Sample("slow", "1+1", str(done_file))] + [Sample(f"fast{i}", "1+1") for i in range(6)]
     order: list[str] = []
 
     async def one(s):
         trajs = await wf.run_episode(CountingEngine(), s)
         order.append(s.id)
+        if len([x for x in order if x != "slow"]) == 6:
+            done_file.write_text("done")
         return trajs
 
     async def go():
@@ -90,23 +92,19 @@ def _finish_order(task, scorer, tok) -> tuple[list[str], list]:
         wf.close()
 
 
-def test_other_episodes_complete_while_a_reward_hangs(tok):
-    order, res = _finish_order(SlowOn(), Scorer("process", timeout=1.0, num_workers=2), tok)
-    assert order[-1] == "slow" and len(order) == 7  # the six fast episodes finished during the hang
-    assert res[0][0].reward == 0.0 and res[0][0].metrics["reward_status"] == "timeout"
-    assert all(r[0].reward == 1.0 and r[0].metrics["reward_status"] == "ok" for r in res[1:])
+def test_other_episodes_complete_while_a_reward_hangs(tok, tmp_path):
+    # the slow reward returns only once the six other episodes have finished: they must finish while it runs
+    # (if it blocked the event loop they could not, and it would run into its timeout first)
+    order, res = _finish_order(SlowOn(), Scorer("process", timeout=60.0, num_workers=2), tok, tmp_path / "done")
+    assert order[-1] == "slow" and len(order) == 7
+    assert all(r[0].reward == 1.0 and r[0].metrics["reward_status"] == "ok" for r in res)
 
 
-class BriefSleep(Task):
-    def reward(self, response: str, sample: Sample) -> float:
-        if sample.id == "slow":
-            time.sleep(0.3)
-        return 1.0
-
-
-def test_the_check_can_fail_a_reward_on_the_event_loop_blocks_it(tok):
-    order, _ = _finish_order(BriefSleep(), Scorer("inline", timeout=None), tok)
-    assert order[-1] != "slow"  # inline: the loop waited for the sleeping reward instead of finishing the others
+def test_the_check_can_fail_a_reward_on_the_event_loop_blocks_it(tok, tmp_path):
+    # the same episodes with the reward inline (on the event loop): the others cannot finish while it waits, so it
+    # runs into its timeout (scored 0) and finishes before them
+    order, res = _finish_order(SlowOn(), Scorer("inline", timeout=1.0), tok, tmp_path / "done")
+    assert order[-1] != "slow" and res[0][0].metrics["reward_status"] == "timeout"
 
 
 # ----------------------------------------------------------------------------- the declared isolation
