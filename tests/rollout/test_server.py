@@ -397,3 +397,35 @@ def test_streamed_text_holds_back_stop_strings(served):
     pieces = [c["choices"][0]["text"] for c in chunks]
     assert "".join(pieces) == want["text"] and stop not in "".join(pieces)
     assert chunks[-1]["choices"][0]["finish_reason"] == want["finish_reason"] == "stop"
+
+
+def test_client_gone_mid_stream_frees_the_request():
+    """A streaming client that disconnects after its first chunk: the server releases its queue place and the
+    embedded engine drops the sequence (it does not generate the other ~480 tokens for nobody)."""
+    if EmbeddedEngine is None:
+        pytest.skip("thinkrl.rollout.engine is not available")
+    model = build_micro_model(TOK, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                              max_position=512, seed=0).eval()
+    engine = EmbeddedEngine(model, tokenizer=TOK, max_seqs=4, stop_at_eos=False)
+    server = Server(engine, TOK, model=model, port=0)
+    port = server.start()
+    try:
+        body = {"model": "m", "prompt": PROMPT, "max_tokens": 480, "temperature": 1.0, "seed": 0, "stream": True}
+        s = socket.create_connection(("127.0.0.1", port), timeout=30)
+        data = json.dumps(body).encode()
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+        got = b""
+        while b"data: {" not in got:
+            got += s.recv(4096)
+        call(port, "/pause_generation", {"mode": "in_place"})  # hold the engine while the client goes
+        assert engine.stats()["running"] == 1 and engine.progress() < 480
+        ticks = engine.runner.ticks  # decode steps so far
+        s.close()
+        wait_for(lambda: server.queued == 0)
+        call(port, "/continue_generation")
+        wait_for(lambda: engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0)
+        assert engine.runner.ticks - ticks < 10  # dropped, not run on (to its eos, ~100 tokens later, here)
+        assert call(port, "/generate", gen_body(3))[0] == 200
+    finally:
+        shutdown(server)
