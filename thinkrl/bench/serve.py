@@ -4,8 +4,9 @@ The server (`thinkrl serve`, embedded engine, the micro model unless --model is 
 with max_queue = --clients. Phase 1: --clients concurrent clients for --seconds, each sending one request after
 another, in turn the OpenAI SDK's completions and chat (streaming and not, the streams with include_usage) and
 SGLang-native /generate; every answer must be a 200 with the tokens it announced (`errors` counts the rest).
-Phase 2 (overload, --overload-seconds): twice as many clients as the queue holds, on /generate; the server must
-answer the excess with 503 + Retry-After and stay up (checked after with /health and one generation).
+Phase 2 (overload, --overload-seconds): twice as many clients as the queue holds, on /generate, with the engine
+held (`/pause_generation` in_place, so the queue is full whatever the machine's speed); the server must answer the
+excess with 503 + Retry-After and stay up (checked after `/continue_generation` with /health and one generation).
 Reported: requests, errors, latency p50/p99 (s), completion tokens/s, peak RSS of the server process (MB, its
 VmHWM: `peak_rss_mb_load` after phase 1, `peak_rss_mb` after both), the 503 count of the overload phase and
 whether the server was up after it.
@@ -168,7 +169,9 @@ async def _load(a, url: str, model: str, pid: int) -> dict:
 
 
 async def _overload(a, http, url: str) -> dict:
-    """2 x max_queue clients on /generate: the excess gets 503 + Retry-After; the server stays up."""
+    """2 x max_queue clients on /generate while the engine is held (/pause_generation in_place: a backend slower
+    than its clients, so the queue fills): the excess gets 503 + Retry-After; after /continue_generation the held
+    requests complete and the server is up."""
     counts = {"requests": 0, "ok": 0, "rejected_503": 0, "retry_after_missing": 0, "other_errors": 0}
 
     async def client(end: float):
@@ -185,12 +188,17 @@ async def _overload(a, http, url: str) -> dict:
             elif r.status_code == 503:
                 counts["rejected_503"] += 1
                 counts["retry_after_missing"] += "retry-after" not in r.headers
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.2)
             else:
                 counts["other_errors"] += 1
 
+    async def release():
+        await asyncio.sleep(a.overload_seconds)
+        (await http.post(url + "/continue_generation")).raise_for_status()
+
+    (await http.post(url + "/pause_generation", json={"mode": "in_place"})).raise_for_status()
     t0 = time.monotonic()
-    await asyncio.gather(*[client(t0 + a.overload_seconds) for _ in range(2 * a.clients)])
+    await asyncio.gather(release(), *[client(t0 + a.overload_seconds) for _ in range(2 * a.clients)])
     health = (await http.get(url + "/health")).status_code
     r = await http.post(url + "/generate", json={"text": "1+1=", "sampling_params": {"max_new_tokens": 2}})
     return {"clients": 2 * a.clients, **counts, "server_up_after": health == 200 and r.status_code == 200}
