@@ -134,11 +134,13 @@ class EmbeddedEngine(InferenceEngine):
 
         req = self._request(input_ids, params, n, lambda res: put(("done", res)))
         req.on_tokens = lambda events: put(("tokens", events))
-        self._streaming += 1
+        with self._cv:
+            self._streaming += 1
         try:
             self._enqueue([req])
         except BaseException:
-            self._streaming -= 1
+            with self._cv:
+                self._streaming -= 1
             raise
         sent = [0] * n
         try:
@@ -157,7 +159,8 @@ class EmbeddedEngine(InferenceEngine):
                                       None if g.top_logprobs is None else g.top_logprobs[rest], done=g)
                 return
         finally:
-            self._streaming -= 1
+            with self._cv:
+                self._streaming -= 1
             if not req.cancelled and req.left > 0:  # closed early (a client gone): free its slots
                 self._cancel(req)
 
