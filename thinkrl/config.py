@@ -433,8 +433,11 @@ def combinations(cfg: Config) -> None:
            "run.deterministic with algo.dynamic_sampling: supported with rollout.max_staleness=0 only")
     refuse(cfg.train.world_size > 1 and (eta > 0 or cfg.cluster.backend != "local"),
            "train.world_size > 1: data-parallel training runs with rollout.max_staleness=0 and cluster.backend=local")
+    refuse(bool(a.distill_teacher) and not cfg.train.packing,
+           "algo.distill_teacher: the teacher's forward is packed; needs train.packing=true")
     c = cfg.cluster
     if c.backend == "ray":
+        refuse(bool(a.distill_teacher), "algo.distill_teacher: the Ray backend has no teacher; use cluster.backend=local")
         refuse(a.kl_coef > 0, "algo.kl_coef > 0: the Ray backend has no reference model; use cluster.backend=local")
         refuse(a.advantage == "gae", "algo.advantage=gae: the Ray backend has no critic; use cluster.backend=local")
         for k in ("engine_cpus", "engine_gpus", "trainer_cpus", "trainer_gpus"):

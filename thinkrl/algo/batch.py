@@ -1,7 +1,7 @@
 """Trajectories -> Batch: the reward pipeline and the advantage estimator, in one place.
 
 Order: group metrics on raw rewards -> length shaping -> (r - bias) * scale -> advantage estimator
--> masks (uniform groups, truncated responses) applied to the loss mask.
+-> on-policy distillation's per-token term (algo.distill_teacher) -> masks (uniform groups, truncated responses) applied to the loss mask.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import dataclasses
 import torch
 
 from thinkrl.algo.advantages import gae_returns
+from thinkrl.algo.distill import distill_advantages, distill_metrics
 from thinkrl.algo.filters import group_metrics, uniform_groups
 from thinkrl.algo.kl import kl_in_reward
 from thinkrl.algo.registry import get_advantage
@@ -36,10 +37,13 @@ def rollout_metrics(trajs: list[Trajectory], correct_threshold: float = 1.0) -> 
     return m
 
 
-def make_batch(trajs: list[Trajectory], acfg, max_new_tokens: int, values=None, ref_logprobs=None) -> Batch:
+def make_batch(trajs: list[Trajectory], acfg, max_new_tokens: int, values=None, ref_logprobs=None,
+               teacher_logprobs=None) -> Batch:
     """Shape rewards, compute per-token advantages, and return the Batch (with rollout metrics).
 
-    `values`: per trajectory, V of the state before each token (`Critic.values`), for `gae`."""
+    `values`: per trajectory, V of the state before each token (`Critic.values`), for `gae`.
+    `teacher_logprobs`: per trajectory, the teacher's log-prob of each token, for on-policy distillation
+    (algo.distill_teacher; thinkrl.algo.distill)."""
     if not trajs:
         raise ValueError("make_batch: no trajectories")
     gidx = group_indices(trajs)
@@ -55,6 +59,13 @@ def make_batch(trajs: list[Trajectory], acfg, max_new_tokens: int, values=None, 
         r = kl_in_reward(r, behav, ref, mask, acfg.kl_coef, acfg.kl_estimator)
         metrics["kl/reward_penalty_mean"] = float((shaped_rewards(trajs, acfg, max_new_tokens) - r).mean())
     adv = get_advantage(acfg.advantage)(r, gidx, mask, acfg, *([] if values is None else [pad_values(values, trajs)]))
+    if acfg.distill_teacher:  # the teacher's per-token reverse KL, mixed with the verifier's advantage
+        if teacher_logprobs is None:
+            raise ValueError("algo.distill_teacher is set: make_batch needs the teacher's log-probs")
+        behav, teacher = pad_values([t.logprobs for t in trajs], trajs), pad_values(teacher_logprobs, trajs)
+        adv = distill_advantages(adv, behav, teacher, mask, acfg.distill_coef, acfg.distill_verifier_coef,
+                                 acfg.distill_estimator)
+        metrics.update(distill_metrics(behav, teacher, mask))
     keep = torch.ones(len(trajs), dtype=torch.bool)
     if acfg.mask_uniform_groups:
         keep &= ~uniform_groups(raw, gidx)

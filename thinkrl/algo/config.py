@@ -2,7 +2,8 @@
 
 Reward pipeline, in the order the controller applies it (see `thinkrl.algo.shaping`):
 raw verifier reward -> length shaping (cosine / overlong) -> `(r - reward_bias) * reward_scale`
--> optional KL penalty (`kl_in_reward`) -> advantage estimator.
+-> optional KL penalty (`kl_in_reward`) -> advantage estimator -> on-policy distillation's per-token term
+(`distill_teacher`, thinkrl.algo.distill).
 """
 from __future__ import annotations
 
@@ -65,6 +66,12 @@ class AlgoConfig:
     # --- dynamic sampling (DAPO): resample until the batch holds enough non-uniform groups
     dynamic_sampling: bool = False
     dynamic_max_rounds: int = 3  # generation rounds per step, the first included
+    # --- on-policy distillation (thinkrl.algo.distill): the teacher scores the student's sampled tokens;
+    # A_t = distill_verifier_coef * A^verifier_t - distill_coef * k(log pi_student, log pi_teacher)
+    distill_teacher: str = ""  # "": off | a local HF model directory / thinkrl checkpoint (the policy's tokenizer)
+    distill_coef: float = 1.0  # weight of the per-token reverse-KL term (> 0)
+    distill_verifier_coef: float = 1.0  # weight of the verifier's advantage (0: pure distillation)
+    distill_estimator: str = "k1"  # k1 | k2 | k3 (registry: thinkrl.algo.kl); k1: log pi_S - log pi_T
 
     def validate(self) -> "AlgoConfig":
         """Checks the fields the generic validator does not know. Raises ConfigError naming the key."""
@@ -106,4 +113,12 @@ class AlgoConfig:
         need(self.critic_lr is None or self.critic_lr > 0, "critic_lr", "must be > 0 (or null: algo.lr)")
         need(self.value_clip >= 0, "value_clip", "must be >= 0 (0: off)")
         need(self.critic_warmup_steps >= 0, "critic_warmup_steps", "must be >= 0")
+        from thinkrl.algo import registered_kl
+
+        need(self.distill_estimator in registered_kl(), "distill_estimator", f"must be one of {', '.join(registered_kl())}")
+        need(self.distill_coef > 0, "distill_coef", "must be > 0 (unset algo.distill_teacher for no distillation)")
+        need(self.distill_verifier_coef >= 0, "distill_verifier_coef", "must be >= 0 (0: pure distillation)")
+        need(not (self.distill_teacher and self.distill_verifier_coef == 0 and self.mask_uniform_groups),
+             "mask_uniform_groups", "must be false in pure distillation (algo.distill_verifier_coef=0): it would drop "
+             "the teacher's signal on every group whose rewards are equal")
         return self

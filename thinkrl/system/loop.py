@@ -88,12 +88,15 @@ def take_batch(cfg, buffer: StalenessBuffer) -> tuple[list[Group], dict]:
     return sorted(chosen, key=lambda g: g.index), m
 
 
-def train_on(cfg, trainer, critic, trajs) -> dict:
-    """Advantages, the policy step (and the critic's): the metrics."""
+def train_on(cfg, trainer, critic, trajs, teacher=None) -> dict:
+    """Advantages, the policy step (and the critic's): the metrics. `teacher` (algo.distill_teacher,
+    thinkrl.train.teacher) scores the sampled tokens for on-policy distillation."""
     acfg = cfg.algo
     values = critic.values(trajs) if critic is not None else None
     ref = trainer.ref_logprobs(trajs) if acfg.kl_coef > 0 else None
-    batch = make_batch(trajs, acfg, cfg.rollout.max_new_tokens, values=values, ref_logprobs=ref)
+    teacher_lp = teacher.logprobs(trajs) if teacher is not None else None
+    batch = make_batch(trajs, acfg, cfg.rollout.max_new_tokens, values=values, ref_logprobs=ref,
+                       teacher_logprobs=teacher_lp)
     old = trainer.logprobs(batch.trajectories) if needs_old_logprobs(acfg) else None
     m = dict(batch.metrics)
     if critic is None or not critic.warming_up:  # algo.critic_warmup_steps: train only the critic first
@@ -106,11 +109,11 @@ def train_on(cfg, trainer, critic, trajs) -> dict:
 def run_loop(cfg, trainer, engine, sync, workflow, train_samples, start_step: int, end_step: int,
              on_step: Callable[[int, dict], None] | None = None,
              checkpoint: Callable[[int, dict], None] | None = None, time_budget: float | None = None,
-             critic=None, restore: dict | None = None) -> int:
+             critic=None, restore: dict | None = None, teacher=None) -> int:
     """Steps [start_step, end_step) (or until time_budget seconds). Returns the last finished step.
     `engine` generates the rollouts and `sync` loads weights into it (thinkrl.rollout.weights). `checkpoint(step,
     state)` is called every train.save_every steps and at the end with what the rollouts need to continue
-    (`restore` on resume)."""
+    (`restore` on resume). `teacher`: the distillation teacher (algo.distill_teacher), or None."""
     B, eta, fixed = cfg.rollout.batch_prompts, cfg.rollout.max_staleness, cfg.run.deterministic
     buffer = StalenessBuffer(B, eta, start_step, trainer.version,
                              adaptive=cfg.rollout.admission == "adaptive" and not fixed)
@@ -138,7 +141,7 @@ def run_loop(cfg, trainer, engine, sync, workflow, train_samples, start_step: in
             if stale["staleness/max"] > eta:  # the buffer guarantees this; never train on it if it breaks
                 raise RuntimeError(f"staleness {stale['staleness/max']} > rollout.max_staleness={eta}")
             m.update(reward_fault_metrics(trajs))  # rewards that failed (scored 0): errors, timeouts
-            m.update(train_on(cfg, trainer, critic, trajs))
+            m.update(train_on(cfg, trainer, critic, trajs, teacher))
             t2, c2 = time.perf_counter(), time.thread_time()
             producer.publish(trainer, trainer.version)
             t3 = time.perf_counter()

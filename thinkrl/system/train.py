@@ -26,6 +26,7 @@ from thinkrl.system.setup import build_run, make_inference_engine, make_workflow
 from thinkrl.train.critic import Critic
 from thinkrl.train.engine import TrainEngine
 from thinkrl.train.sft import build_sft_examples, run_sft
+from thinkrl.train.teacher import Teacher
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
@@ -76,6 +77,7 @@ def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, 
             load_weights_into(run.model, ckpt)
     trainer = TrainEngine(policy, cfg.train, cfg.algo, autocast_bf16=cfg.model.autocast_bf16)
     critic = Critic.maybe_create(cfg, run)  # value model for algo.advantage=gae, else None
+    teacher = Teacher.maybe_create(cfg, run.tokenizer, trainer.device)  # algo.distill_teacher, else None
     start, restore = 0, None
     if state is not None:
         trainer.load_state_dict(state["trainer"])
@@ -128,7 +130,7 @@ def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, 
             placed = place_rollouts(cfg, engine, engine_model, run.tokenizer, trainer.version)
             try:
                 last = with_threads(threads_for_trainer(cfg, placed.process and trainer.device.type == "cpu"),
-                                    lambda: run_loop(cfg, trainer, placed.engine, placed.sync, *args))
+                                    lambda: run_loop(cfg, trainer, placed.engine, placed.sync, *args, teacher=teacher))
             finally:
                 placed.close()
         bar.close()
