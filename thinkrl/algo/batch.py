@@ -1,7 +1,8 @@
 """Trajectories -> Batch: the reward pipeline and the advantage estimator, in one place.
 
 Order: group metrics on raw rewards -> length shaping -> (r - bias) * scale -> advantage estimator
--> on-policy distillation's per-token term (algo.distill_teacher) -> masks (uniform groups, truncated responses) applied to the loss mask.
+-> on-policy distillation's per-token term (algo.distill_teacher) -> masks (uniform groups, truncated responses)
+applied to the loss mask.
 """
 from __future__ import annotations
 

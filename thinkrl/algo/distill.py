@@ -31,13 +31,15 @@ def distill_advantages(verifier_adv: torch.Tensor, student_logp: torch.Tensor, t
     log-probs (no gradient flows through any input)."""
     if not (verifier_adv.shape == student_logp.shape == teacher_logp.shape == response_mask.shape):
         raise ValueError(f"distill_advantages: shapes differ: verifier {tuple(verifier_adv.shape)}, student "
-                         f"{tuple(student_logp.shape)}, teacher {tuple(teacher_logp.shape)}, mask {tuple(response_mask.shape)}")
+                         f"{tuple(student_logp.shape)}, teacher {tuple(teacher_logp.shape)}, "
+                         f"mask {tuple(response_mask.shape)}")
     kl = get_kl(estimator)(student_logp.detach().float(), teacher_logp.detach().float())
     adv = verifier_coef * verifier_adv.detach().float() - distill_coef * kl
     return (adv * response_mask).to(verifier_adv.dtype)
 
 
-def distill_metrics(student_logp: torch.Tensor, teacher_logp: torch.Tensor, response_mask: torch.Tensor) -> dict[str, float]:
+def distill_metrics(student_logp: torch.Tensor, teacher_logp: torch.Tensor,
+                    response_mask: torch.Tensor) -> dict[str, float]:
     """distill/reverse_kl: mean over response tokens of log pi_S - log pi_T (the k1 estimate of KL(pi_S || pi_T)
     per token); distill/teacher_logp: mean teacher log-prob of the sampled tokens."""
     m = response_mask.float()
