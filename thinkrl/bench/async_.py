@@ -180,6 +180,7 @@ def run_arm(cfg, model_dir: str, arm: str, a) -> dict:
                   correct_threshold=cfg.algo.correct_threshold, k=0, batch_size=cfg.eval.batch_size)
     res["accuracy"], res["eval_seconds"] = ev["pass@1"], time.perf_counter() - t
     local.close()
+    workflow.close()  # its reward workers
     print(f"  {arm:6} {wall:7.1f}s  {res['tokens_per_s']:7.0f} tok/s  acc {res['accuracy']:.3f}  "
           f"load {res['load_before']:.1f}->{res['load_after']:.1f}")
     return res

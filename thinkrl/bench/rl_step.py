@@ -179,6 +179,7 @@ def run_thinkrl(cfg, model_dir: str, total: int, warmup: int, expect_ids: list[s
     finally:
         sync.close()
         engine.close()
+        workflow.close()  # its reward workers
     res = _summary(walls, cpus, rewards, lens, warmup)
     res["gen_s_per_step"] = statistics.mean(gen[warmup:])
     res["train_s_per_step"] = statistics.mean(train[warmup:])

@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                                 a.batch_size, progress)
     finally:
         engine.close()
+        workflow.close()  # its reward workers
     counts = histogram(correct, a.k)
     kept = [dict(row, pass_rate=c / a.k) for row, c in zip(rows, correct) if in_range(c, a.k, lo, hi)]
     out.parent.mkdir(parents=True, exist_ok=True)
