@@ -9,7 +9,9 @@ import sys
 COMMANDS = {
     "quickstart": "build the micro model, SFT it on an imperfect teacher, RL it, compare (CPU, minutes)",
     "train": "RL training from a config (sync or async)",
-    "sft": "supervised fine-tuning on a task's demonstrations",
+    "sft": "supervised fine-tuning on a chat data file (data.sft_path) or a task's demonstrations",
+    "generate": "sample K answers per prompt with any engine, keep the verified ones: chat-format JSONL (resumable)",
+    "pairs": "delta-learning preference pairs: a stronger model's answers (chosen) vs a weaker one's (rejected)",
     "eval": "pass@k, maj@k, avg@k, lengths and cost of models / a run's checkpoints on held-out problems",
     "bench": "benchmarks (generate, train, rl-step, async); --json for machine-readable output",
     "simulate": "discrete-event model of sync vs async RL throughput",
@@ -77,6 +79,48 @@ def cmd_sft(argv: list[str]) -> int:
     return 0
 
 
+def _generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", "-d", default="train",
+                   help="the prompts: train | eval (the config's splits) | a data file (all rows; default train)")
+    p.add_argument("--samples", "-k", type=int, default=1, help="answers per prompt (default 1)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts in flight at a time, flushed after each (default 16)")
+
+
+def cmd_generate(argv: list[str]) -> int:
+    p = _config_parser("generate", COMMANDS["generate"])
+    p.add_argument("--model", "-m", required=True, help="checkpoint / HF model directory, 'micro' or a model name "
+                   "(rollout.engine=remote: the servers' model; the directory gives the tokenizer)")
+    p.add_argument("--output", "-o", required=True, help="JSONL file the kept answers are appended to")
+    p.add_argument("--keep", choices=["correct", "all"],
+                   help="correct (reward >= algo.correct_threshold; the default when the task has a verifier) | all")
+    _generation_args(p)
+    a = p.parse_intermixed_args(argv)
+    cfg = _load(a)
+    from thinkrl.system.generate import generate
+
+    generate(cfg, a.model, a.output, samples=a.samples, keep=a.keep, data=a.data, batch_size=a.batch_size)
+    return 0
+
+
+def cmd_pairs(argv: list[str]) -> int:
+    p = _config_parser("pairs", COMMANDS["pairs"])
+    p.add_argument("--output", "-o", required=True, help="JSONL of preference pairs (TRL's conversational format)")
+    p.add_argument("--chosen", help="generation file of the stronger model")
+    p.add_argument("--rejected", help="generation file of the weaker model")
+    p.add_argument("--chosen-model", help="the stronger model: generate its answers (OUTPUT.chosen.jsonl) first")
+    p.add_argument("--rejected-model", help="the weaker model: generate its answers (OUTPUT.rejected.jsonl) first")
+    p.add_argument("--verified", action="store_true", help="keep only pairs with the chosen correct, the rejected wrong")
+    _generation_args(p)
+    a = p.parse_intermixed_args(argv)
+    cfg = _load(a)
+    from thinkrl.system.generate import make_pair_file
+
+    make_pair_file(cfg, a.output, chosen=a.chosen, rejected=a.rejected, chosen_model=a.chosen_model,
+                   rejected_model=a.rejected_model, samples=a.samples, verified=a.verified, data=a.data,
+                   batch_size=a.batch_size)
+    return 0
+
+
 def cmd_eval(argv: list[str]) -> int:
     p = _config_parser("eval", COMMANDS["eval"])
     p.add_argument("--model", "-m", action="append",
@@ -130,6 +174,8 @@ HANDLERS = {
     "quickstart": cmd_quickstart,
     "train": cmd_train,
     "sft": cmd_sft,
+    "generate": cmd_generate,
+    "pairs": cmd_pairs,
     "eval": cmd_eval,
     "bench": cmd_bench,
     "simulate": _delegate("thinkrl.tools.simulate"),

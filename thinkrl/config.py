@@ -56,6 +56,13 @@ class DataConfig:
     num_eval: int = 500  # held-out problems for evaluation
     eval_fraction: float = 0.1  # file datasets without eval_path: fraction held out
     shuffle: bool = True
+    # thinkrl sft on a chat-format file (.jsonl | .json | .parquet | a `datasets` directory; thinkrl.data.files): rows
+    # with sft_messages_field (a list of {role, content}; loss on the assistant turns) or sft_prompt_field +
+    # sft_response_field strings (one user and one assistant message); empty: the task's demonstrations
+    sft_path: str = ""
+    sft_messages_field: str = "messages"
+    sft_prompt_field: str = "prompt"
+    sft_response_field: str = "response"
 
 
 @dataclass
@@ -137,6 +144,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # RL steps between evaluations (0: only at the end)
+    sft_every: int = 0  # SFT steps between evaluations (greedy pass@1 on the eval set, eval/* in metrics; 0: none)
     k: int = 4  # samples per problem for pass@j (j <= k), maj@k, avg@k (0: greedy pass@1 only)
     temperature: float = 1.0
     max_new_tokens: int = 0  # 0: same as rollout.max_new_tokens
@@ -382,6 +390,7 @@ def validate(cfg: Config) -> Config:
 
     one_of("data.format", list(FORMATS))
     need(cfg.eval.k >= 0, "eval.k", "must be >= 0")
+    need(cfg.eval.sft_every >= 0, "eval.sft_every", "must be >= 0 (0: none)")
     need(cfg.eval.price_per_mtok >= 0, "eval.price_per_mtok", "must be >= 0")
     from thinkrl.system.logs import missing_package, sink_names  # the logging-sink registry
 

@@ -25,7 +25,7 @@ from thinkrl.system.rundir import RunDir
 from thinkrl.system.setup import build_run, make_inference_engine, make_workflow
 from thinkrl.train.critic import Critic
 from thinkrl.train.engine import TrainEngine
-from thinkrl.train.sft import build_sft_examples, run_sft
+from thinkrl.train.sft import build_file_examples, build_sft_examples, run_sft
 from thinkrl.train.teacher import Teacher
 
 
@@ -144,41 +144,88 @@ def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, 
     return final
 
 
+def sft_examples(cfg, run) -> list[tuple[list[int], list[bool]]]:
+    """(ids, assistant mask) of every SFT example: the chat-format file data.sft_path when set, else the task's
+    demonstrations on the run's training problems."""
+    d = cfg.data
+    if d.sft_path:
+        from thinkrl.data.files import load_conversations
+
+        convs = load_conversations(d.sft_path, d.sft_messages_field, d.sft_prompt_field, d.sft_response_field)
+        positions = getattr(getattr(run.model, "config", None), "max_position_embeddings", 0) or 0
+        return build_file_examples(run.tokenizer, convs, positions, cfg.train.max_tokens_per_mb)
+    return build_sft_examples(run.tokenizer, run.task, run.train_samples, seed=cfg.run.seed)
+
+
 def train_sft(cfg, run=None, rundir: RunDir | None = None, steps: int | None = None, time_budget: float | None = None,
               trainer: TrainEngine | None = None, start_step: int = 0, resume: bool = False) -> tuple[TrainEngine, int]:
-    """SFT on the task's demonstrations from step `start_step` to `start_step + steps` (default train.sft_steps),
-    checkpointed every train.save_every steps (when > 0) and at the end. Step s trains on a batch that is a
-    function of (run.seed, s) only, so `resume` (continue from the run dir's last good checkpoint: weights,
-    optimizer, scheduler, RNG, step) gives the uninterrupted run's results. Returns (trainer, steps done)."""
+    """SFT on `sft_examples` (data.sft_path, else the task's demonstrations) from step `start_step` to
+    `start_step + steps` (default train.sft_steps), checkpointed every train.save_every steps (when > 0) and at
+    the end, evaluated every eval.sft_every steps (greedy pass@1 on the eval problems, eval/* in the metrics).
+    Step s trains on a batch that is a function of (run.seed, s) only, so `resume` (continue from the run dir's
+    last good checkpoint: weights or LoRA adapters, optimizer, scheduler, RNG, step) gives the uninterrupted
+    run's results. With model.lora_r > 0 only adapters train; checkpoints hold the merged weights (and the
+    adapters), and run.model ends as the plain model with the adapters merged in. Returns (trainer, steps done)."""
     rundir = rundir or RunDir(cfg.run.output_dir)
     rundir.write_config(cfg, resume)  # on resume: first checks that the config would not change the results
     run = run or build_run(cfg)
+    examples = sft_examples(cfg, run)  # bad data stops here, before anything trains
+    if cfg.eval.sft_every and not run.eval_samples:
+        raise ValueError("eval.sft_every: the run has no eval problems (data.eval_path or a task generator)")
     total = steps if steps is not None else cfg.train.sft_steps
     end = start_step + total if time_budget is None else 10**9
     ckpt = rundir.resume_checkpoint() if resume else None
-    if ckpt is not None:
-        load_weights_into(run.model, ckpt)
+    state = load_state(ckpt) if ckpt is not None else None
+    lora = cfg.model.lora_r > 0 and trainer is None
+    policy = plain = run.model  # LoRA: the adapters train on `policy`; `plain` holds the merged weights
+    if lora:
+        from thinkrl.models.lora import apply_lora
+
+        plain = copy.deepcopy(run.model)
+        policy = apply_lora(run.model, cfg.model)
+    if state is not None:
+        if lora:
+            policy.load_state_dict(state["lora"], strict=False)
+        else:
+            load_weights_into(run.model, ckpt)
     if trainer is None:
-        trainer = TrainEngine(run.model, cfg.train, cfg.algo, lr=cfg.train.sft_lr, total_steps=total,
+        trainer = TrainEngine(policy, cfg.train, cfg.algo, lr=cfg.train.sft_lr, total_steps=total,
                               autocast_bf16=cfg.model.autocast_bf16, warmup_steps=cfg.train.sft_warmup_steps)
     saved = -1
-    if ckpt is not None:
-        state = load_state(ckpt)
+    if state is not None:
         trainer.load_state_dict(state["trainer"])
         set_rng_state(state["rng"])
         start_step = saved = state["step"]
         rundir.truncate_metrics(start_step)
-    examples = build_sft_examples(run.tokenizer, run.task, run.train_samples, seed=cfg.run.seed)
     bar = _progress(None if time_budget else end - start_step, 0, "sft", cfg.log.progress)
+
+    def merged():
+        if lora:
+            plain.load_state_dict(trainer.export_weights())
+        return plain
 
     def save(step: int) -> None:
         nonlocal saved
         state = {"trainer": trainer.state_dict(), "rng": rng_state()}
-        rundir.save_checkpoint(step, run.model, run.tokenizer, state, cfg.train.keep_checkpoints)
+        if lora:
+            state["lora"] = _adapters(policy)
+        rundir.save_checkpoint(step, merged(), run.tokenizer, state, cfg.train.keep_checkpoints)
         saved = step
 
+    def evaluate_now() -> dict:
+        model = merged()
+        model.eval()
+        engine = make_inference_engine(cfg, model, run.tokenizer)
+        try:
+            return {f"eval/{k}": v for k, v in run_eval(cfg, engine, run, k=0).items()}
+        finally:
+            engine.close()
+
     def on_step(step: int, m: dict) -> None:
-        rundir.log({"step": step, "phase": "sft", **m})
+        m = {"step": step, "phase": "sft", **m}
+        if cfg.eval.sft_every and step % cfg.eval.sft_every == 0:
+            m.update(evaluate_now())
+        rundir.log(m)
         bar.set_postfix(loss=f"{m['loss/sft']:.3f}", refresh=False)
         bar.update(1)
         if cfg.train.save_every and step % cfg.train.save_every == 0:
@@ -193,4 +240,8 @@ def train_sft(cfg, run=None, rundir: RunDir | None = None, steps: int | None = N
     bar.close()
     if start_step + done != saved:
         save(start_step + done)
+    if lora:  # run.model back to a plain module (peft's layers removed), with the trained weights
+        weights = merged().state_dict()
+        policy.unload()
+        run.model.load_state_dict(weights)
     return trainer, done

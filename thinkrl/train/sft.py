@@ -20,6 +20,24 @@ def build_sft_examples(tokenizer, task, samples: list[Sample], seed: int = 0) ->
     return out
 
 
+def build_file_examples(tokenizer, conversations: list[tuple[str, list[dict]]], max_positions: int = 0,
+                        max_tokens_per_mb: int = 0) -> list[tuple[list[int], list[bool]]]:
+    """(token ids, assistant mask) per (where, messages) of a chat-format file (thinkrl.data.files). A conversation
+    with no assistant token after the template, or longer than the model's positions or the micro-batch budget,
+    is a ValueError naming its row."""
+    out = []
+    for where, msgs in conversations:
+        ids, mask = encode_example(tokenizer, msgs)
+        if not any(mask):
+            raise ValueError(f"{where}: no assistant tokens after the chat template (nothing to train on)")
+        if max_positions and len(ids) > max_positions:
+            raise ValueError(f"{where}: {len(ids)} tokens, more than the model's {max_positions} positions")
+        if max_tokens_per_mb and len(ids) > max_tokens_per_mb:
+            raise ValueError(f"{where}: {len(ids)} tokens, more than train.max_tokens_per_mb={max_tokens_per_mb}")
+        out.append((ids, mask))
+    return out
+
+
 class BatchOrder:
     """Batch `step` of SFT as a pure function of (seed, step), so a resumed run sees the same batches.
 
