@@ -1,6 +1,7 @@
 """`thinkrl quickstart`: the whole loop on a laptop CPU, with an honest control.
 
-micro model -> SFT on an imperfect teacher's demonstrations -> eval -> RL (GRPO) -> eval
+micro model -> SFT on an imperfect teacher's demonstrations (written to sft/teacher.jsonl, data.sft_path) -> eval
+-> RL (GRPO) -> eval
 [--control: from the same SFT checkpoint, more SFT for the RL phase's wall time -> eval]
 -> report.html over the phases' run dirs (sft/, rl/, sft_more/; each with its eval.json)
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 from thinkrl.config import load_config
 from thinkrl.system.rundir import RunDir
 from thinkrl.system.setup import build_run, make_inference_engine
-from thinkrl.system.train import run_eval, train_rl, train_sft
+from thinkrl.system.train import run_eval, train_rl, train_sft, write_teacher_file
 from thinkrl.tools.report import write_report
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart.yaml"
@@ -32,8 +33,9 @@ def quickstart(output: str = "runs/quickstart", control: bool = False, overrides
          f"({sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M params) device={run.device} -> {out}")
     echo(f"  teacher accuracy on {len(run.eval_samples)} held-out problems: {teacher:.3f}")
 
-    # 1. SFT on the teacher's demonstrations
+    # 1. SFT on the teacher's demonstrations: written as a chat-format file, trained on as `thinkrl sft` trains on one
     t0 = time.perf_counter()
+    cfg.data.sft_path = str(write_teacher_file(run, out / "sft"))
     sft_dir = RunDir(out / "sft")
     sft_trainer, _ = train_sft(cfg, run=run, rundir=sft_dir)  # ends with a checkpoint in sft/checkpoints
     engine = make_inference_engine(cfg, run.model, run.tokenizer)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from thinkrl.cli import main
 from thinkrl.config import load_config
 from thinkrl.system.setup import build_run
-from thinkrl.system.train import train_sft
+from thinkrl.system.train import train_sft, write_teacher_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,8 +31,13 @@ def _records(out):
 
 
 def _teacher_file(cfg, path, prompt_response=False):
-    """The task's demonstrations on the run's training problems, in its order, as a chat-format file."""
+    """The task's demonstrations on the run's training problems, in its order, as a chat-format file: the
+    quickstart's (write_teacher_file), or written here as prompt/response rows."""
     run = build_run(cfg)
+    if not prompt_response:
+        written = write_teacher_file(run, path.parent)
+        assert written == path.parent / "teacher.jsonl"
+        return written
     with path.open("w") as f:
         for s in run.train_samples:
             demo = run.task.demonstration(s, random.Random(0))

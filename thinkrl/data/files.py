@@ -81,6 +81,18 @@ def load_conversations(path: str | Path, messages_field: str = "messages", promp
     return convs
 
 
+def write_conversations(path: str | Path, conversations: list[list[dict]], field: str = "messages") -> Path:
+    """`conversations` as a chat-format JSONL file (one ``{field: messages}`` row each), written atomically."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for msgs in conversations:
+            f.write(json.dumps({field: msgs}) + "\n")
+    tmp.replace(p)
+    return p
+
+
 # ----------------------------------------------------------------------------- generation files
 
 

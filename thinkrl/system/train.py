@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -25,7 +26,7 @@ from thinkrl.system.rundir import RunDir
 from thinkrl.system.setup import build_run, make_inference_engine, make_workflow
 from thinkrl.train.critic import Critic
 from thinkrl.train.engine import TrainEngine
-from thinkrl.train.sft import build_file_examples, build_sft_examples, run_sft
+from thinkrl.train.sft import build_file_examples, build_sft_examples, demonstrations, run_sft
 from thinkrl.train.teacher import Teacher
 
 
@@ -142,6 +143,15 @@ def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, 
     final["steps"] = last
     (rundir.path / "eval.json").write_text(json.dumps(final, indent=2))
     return final
+
+
+def write_teacher_file(run, directory) -> Path:
+    """DIRECTORY/teacher.jsonl: the task's demonstrations on the run's training problems as chat-format rows, the
+    file data.sft_path names when the quickstart trains on its teacher (the same examples `thinkrl sft` makes)."""
+    from thinkrl.data.files import write_conversations
+
+    convs = demonstrations(run.task, run.train_samples, seed=run.cfg.run.seed)
+    return write_conversations(Path(directory) / "teacher.jsonl", convs)
 
 
 def sft_examples(cfg, run) -> list[tuple[list[int], list[bool]]]:

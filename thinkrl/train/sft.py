@@ -10,14 +10,15 @@ from thinkrl.train.engine import stop_on_bad_steps
 from thinkrl.types import Sample
 
 
+def demonstrations(task, samples: list[Sample], seed: int = 0) -> list[list[dict]]:
+    """The task's prompt + its demonstration as the assistant turn, per sample (the teacher's conversations)."""
+    rng = random.Random(seed)
+    return [task.build_prompt(s) + [{"role": "assistant", "content": task.demonstration(s, rng)}] for s in samples]
+
+
 def build_sft_examples(tokenizer, task, samples: list[Sample], seed: int = 0) -> list[tuple[list[int], list[bool]]]:
     """(token ids, assistant mask) per sample, the assistant turn being the task's demonstration."""
-    rng = random.Random(seed)
-    out = []
-    for s in samples:
-        msgs = task.build_prompt(s) + [{"role": "assistant", "content": task.demonstration(s, rng)}]
-        out.append(encode_example(tokenizer, msgs))
-    return out
+    return [encode_example(tokenizer, msgs) for msgs in demonstrations(task, samples, seed)]
 
 
 def build_file_examples(tokenizer, conversations: list[tuple[str, list[dict]]], max_positions: int = 0,
