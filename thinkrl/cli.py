@@ -12,6 +12,7 @@ COMMANDS = {
     "sft": "supervised fine-tuning on a chat data file (data.sft_path) or a task's demonstrations",
     "generate": "sample K answers per prompt with any engine, keep the verified ones: chat-format JSONL (resumable)",
     "pairs": "delta-learning preference pairs: a stronger model's answers (chosen) vs a weaker one's (rejected)",
+    "dpo": "DPO on preference pairs (dpo.path; sigmoid | ipo | simpo), reference log-probs computed once",
     "eval": "pass@k, maj@k, avg@k, lengths and cost of models / a run's checkpoints on held-out problems",
     "bench": "benchmarks (generate, train, rl-step, async); --json for machine-readable output",
     "simulate": "discrete-event model of sync vs async RL throughput",
@@ -43,12 +44,14 @@ def cmd_quickstart(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="thinkrl quickstart", description=COMMANDS["quickstart"])
     p.add_argument("--output", "-o", default="runs/quickstart", help="run directory (default: runs/quickstart)")
     p.add_argument("--control", action="store_true", help="also run more SFT for the RL phase's wall time (matched compute)")
+    p.add_argument("--pipeline", help="stages to run, e.g. sft,dpo,rl (DPO on delta pairs between SFT and RL; "
+                                      "--control then matches the wall time of every stage after SFT)")
     p.add_argument("--config", "-c", help="config to start from (default: the packaged quickstart.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.seed=1 train.steps=50")
     a = p.parse_intermixed_args(argv)
     from thinkrl.quickstart import quickstart
 
-    quickstart(output=a.output, control=a.control, overrides=a.overrides, config=a.config)
+    quickstart(output=a.output, control=a.control, overrides=a.overrides, config=a.config, pipeline=a.pipeline)
     return 0
 
 
@@ -121,6 +124,19 @@ def cmd_pairs(argv: list[str]) -> int:
     return 0
 
 
+def cmd_dpo(argv: list[str]) -> int:
+    p = _config_parser("dpo", COMMANDS["dpo"])
+    p.add_argument("--resume", action="store_true", help="continue from the last good checkpoint in run.output_dir")
+    a = p.parse_intermixed_args(argv)
+    cfg = _load(a)
+    from thinkrl.system.dpo import train_dpo
+    from thinkrl.system.rundir import RunDir
+
+    train_dpo(cfg, resume=a.resume)  # checkpoints every train.save_every steps and at the end
+    print(f"saved {RunDir(cfg.run.output_dir).checkpoints()[-1]}")
+    return 0
+
+
 def cmd_eval(argv: list[str]) -> int:
     p = _config_parser("eval", COMMANDS["eval"])
     p.add_argument("--model", "-m", action="append",
@@ -176,6 +192,7 @@ HANDLERS = {
     "sft": cmd_sft,
     "generate": cmd_generate,
     "pairs": cmd_pairs,
+    "dpo": cmd_dpo,
     "eval": cmd_eval,
     "bench": cmd_bench,
     "simulate": _delegate("thinkrl.tools.simulate"),

@@ -190,6 +190,22 @@ class ClusterConfig:
 
 
 @dataclass
+class DPOConfig:
+    """`thinkrl dpo`: preference pairs (thinkrl/data/pairs.py formats); LoRA via model.lora_r."""
+
+    path: str = ""  # JSONL of preference pairs (TRL's conversational or standard format)
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo (length-normalised, as TRL) | simpo (reference-free, mean log-prob, margin simpo_gamma)
+    beta: float = 0.1
+    simpo_gamma: float = 0.5  # simpo: the target reward margin
+    label_smoothing: float = 0.0  # sigmoid: conservative DPO's ε in [0, 0.5)
+    steps: int = 100
+    batch_size: int = 32  # pairs per step
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    max_pairs: int = 0  # use at most this many pairs (0: all)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -201,6 +217,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     run: RunConfig = field(default_factory=RunConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -391,6 +408,14 @@ def validate(cfg: Config) -> Config:
     one_of("data.format", list(FORMATS))
     need(cfg.eval.k >= 0, "eval.k", "must be >= 0")
     need(cfg.eval.sft_every >= 0, "eval.sft_every", "must be >= 0 (0: none)")
+    one_of("dpo.loss", ["sigmoid", "ipo", "simpo"])
+    need(cfg.dpo.beta > 0, "dpo.beta", "must be > 0")
+    need(0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)")
+    need(cfg.dpo.steps >= 0, "dpo.steps", "must be >= 0")
+    need(cfg.dpo.batch_size >= 1, "dpo.batch_size", "must be >= 1")
+    need(cfg.dpo.lr > 0, "dpo.lr", "must be > 0")
+    need(cfg.dpo.warmup_steps >= 0, "dpo.warmup_steps", "must be >= 0")
+    need(cfg.dpo.max_pairs >= 0, "dpo.max_pairs", "must be >= 0 (0: all)")
     need(cfg.eval.price_per_mtok >= 0, "eval.price_per_mtok", "must be >= 0")
     from thinkrl.system.logs import missing_package, sink_names  # the logging-sink registry
 

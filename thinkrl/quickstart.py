@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from thinkrl.config import load_config
+from thinkrl.pipeline import parse_stages, run_pipeline
 from thinkrl.system.rundir import RunDir
 from thinkrl.system.setup import build_run, make_inference_engine
 from thinkrl.system.train import run_eval, train_rl, train_sft, write_teacher_file
@@ -22,7 +23,9 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart.yaml"
 
 
 def quickstart(output: str = "runs/quickstart", control: bool = False, overrides: list[str] | None = None,
-               config: str | None = None, echo=print) -> dict:
+               config: str | None = None, echo=print, pipeline: str | None = None) -> dict:
+    """`pipeline` ("sft,dpo,rl", see thinkrl/pipeline.py) runs those stages instead of SFT -> RL."""
+    stages = parse_stages(pipeline) if pipeline else None  # a bad --pipeline stops before any work
     cfg = load_config(config or DEFAULT_CONFIG, list(overrides or []))
     out = Path(output)
     cfg.run.output_dir = str(out)
@@ -32,6 +35,8 @@ def quickstart(output: str = "runs/quickstart", control: bool = False, overrides
     echo(f"thinkrl quickstart: task={cfg.task.name} model={cfg.model.path} "
          f"({sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M params) device={run.device} -> {out}")
     echo(f"  teacher accuracy on {len(run.eval_samples)} held-out problems: {teacher:.3f}")
+    if stages:
+        return run_pipeline(cfg, run, out, stages, control, teacher, echo)
 
     # 1. SFT on the teacher's demonstrations: written as a chat-format file, trained on as `thinkrl sft` trains on one
     t0 = time.perf_counter()

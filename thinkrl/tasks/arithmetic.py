@@ -102,5 +102,10 @@ class Arithmetic(Task):
         a, b = sample.meta["a"], sample.meta["b"]
         return worked_solution(a, b, carries=not self.teacher_drops(a, b), width=self.width)[0]
 
+    def weak_demonstration(self, sample: Sample) -> str:
+        """The weaker teacher (the rejected side of the quickstart's delta pairs): drops every carry, always."""
+        a, b = sample.meta["a"], sample.meta["b"]
+        return worked_solution(a, b, carries=False, width=self.width)[0]
+
     def teacher_accuracy(self, samples: list[Sample]) -> float:
         return sum(self.reward(self.demonstration(s), s) for s in samples) / max(len(samples), 1)
