@@ -29,6 +29,8 @@ def quickstart(output: str = "runs/quickstart", control: bool = False, overrides
     cfg = load_config(config or DEFAULT_CONFIG, list(overrides or []))
     out = Path(output)
     cfg.run.output_dir = str(out)
+    if control and cfg.model.lora_r > 0:  # refused before any work: the control continues the SFT trainer itself
+        raise ValueError("quickstart --control: the control continues the SFT run's full-weight trainer; set model.lora_r=0")
     t_start = time.perf_counter()
     run = build_run(cfg)
     teacher = run.task.teacher_accuracy(run.eval_samples) if hasattr(run.task, "teacher_accuracy") else float("nan")

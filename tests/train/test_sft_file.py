@@ -104,3 +104,11 @@ def test_a_bad_file_stops_with_one_line_and_trains_nothing(tmp_path, capsys, con
     err = capsys.readouterr().err.strip()
     assert err.startswith("thinkrl sft: error: ") and f"{data}{what}" in err and "\n" not in err
     assert not (out / "checkpoints").exists()
+
+
+def test_lora_does_not_continue_a_trainer_handed_over(tmp_path, capsys):
+    with pytest.raises(ValueError, match="model.lora_r > 0: SFT continues only its own LoRA run"):
+        train_sft(_cfg(tmp_path / "x", "model.lora_r=4"), trainer=object())
+    assert main(["quickstart", "--control", "-o", str(tmp_path / "qs"), "model.lora_r=4"]) == 2
+    assert "quickstart --control: the control continues the SFT run's full-weight trainer" in capsys.readouterr().err
+    assert not (tmp_path / "qs").exists()

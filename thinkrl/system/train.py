@@ -186,7 +186,10 @@ def train_sft(cfg, run=None, rundir: RunDir | None = None, steps: int | None = N
     end = start_step + total if time_budget is None else 10**9
     ckpt = rundir.resume_checkpoint() if resume else None
     state = load_state(ckpt) if ckpt is not None else None
-    lora = cfg.model.lora_r > 0 and trainer is None
+    if trainer is not None and cfg.model.lora_r > 0:
+        raise ValueError("model.lora_r > 0: SFT continues only its own LoRA run (--resume), not a trainer handed over "
+                         "(the quickstart's --control needs model.lora_r=0)")
+    lora = cfg.model.lora_r > 0
     policy = plain = run.model  # LoRA: the adapters train on `policy`; `plain` holds the merged weights
     if lora:
         from thinkrl.models.lora import apply_lora
