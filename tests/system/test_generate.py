@@ -133,3 +133,27 @@ def test_pairs_from_two_models_end_to_end(tmp_path, capsys):
 def test_make_pair_file_needs_one_source_per_side(tmp_path):
     with pytest.raises(ValueError, match="give one of --chosen FILE or --chosen-model MODEL"):
         make_pair_file(_cfg(), tmp_path / "p.jsonl", chosen="a.jsonl", chosen_model="micro", rejected="b.jsonl")
+
+
+def test_remote_servers_answer_as_the_same_model_does_locally(tmp_path):
+    from thinkrl.rollout.hf import HFEngine
+    from thinkrl.rollout.server import Server
+
+    model_dir = tmp_path / "m"
+    _save_micro(model_dir, seed=3)
+    from thinkrl.models.loading import load_checkpoint
+
+    model, tok = load_checkpoint(str(model_dir))
+    model.eval()
+    engine = HFEngine(model, tok)
+    server = Server(engine, tok, model=model, port=0)
+    port = server.start()
+    greedy = ["rollout.temperature=0"]
+    try:
+        generate(_cfg(*greedy, "rollout.engine=remote", f"rollout.servers=['http://127.0.0.1:{port}']"), str(model_dir),
+                 tmp_path / "remote.jsonl", samples=1, keep="all", echo=lambda *_: None)
+    finally:
+        server.stop()
+    generate(_cfg(*greedy), str(model_dir), tmp_path / "local.jsonl", samples=1, keep="all", echo=lambda *_: None)
+    remote, local = _rows(tmp_path / "remote.jsonl"), _rows(tmp_path / "local.jsonl")
+    assert len(remote) == 6 and [r["messages"] for r in remote] == [r["messages"] for r in local]
