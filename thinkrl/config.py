@@ -198,6 +198,7 @@ class DPOConfig:
     beta: float = 0.1
     simpo_gamma: float = 0.5  # simpo: the target reward margin
     label_smoothing: float = 0.0  # sigmoid: conservative DPO's ε in [0, 0.5)
+    sft_coef: float = 0.0  # + sft_coef · NLL of the chosen completions, mean over their tokens (RPO; TRL's "sft" loss term)
     steps: int = 100
     batch_size: int = 32  # pairs per step
     lr: float = 1e-4
@@ -412,6 +413,7 @@ def validate(cfg: Config) -> Config:
     need(cfg.dpo.beta > 0, "dpo.beta", "must be > 0")
     need(0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)")
     need(cfg.dpo.steps >= 0, "dpo.steps", "must be >= 0")
+    need(cfg.dpo.sft_coef >= 0, "dpo.sft_coef", "must be >= 0")
     need(cfg.dpo.batch_size >= 1, "dpo.batch_size", "must be >= 1")
     need(cfg.dpo.lr > 0, "dpo.lr", "must be > 0")
     need(cfg.dpo.warmup_steps >= 0, "dpo.warmup_steps", "must be >= 0")

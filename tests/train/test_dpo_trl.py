@@ -34,7 +34,7 @@ ROWS = [
     {"prompt": [{"role": "user", "content": "199+1"}], "chosen": [{"role": "assistant", "content": "9+1=10 9+1=10 1+1=2 \\boxed{200}"}],
      "rejected": [{"role": "assistant", "content": "9+1=10 9=9 1=1 \\boxed{190}"}]},
 ]
-BETA, LR = 0.1, 1e-3
+BETA, LR, SFT_COEF = 0.1, 1e-3, 0.5
 
 
 def _models():
@@ -46,10 +46,12 @@ def _models():
 def _trl_step(tok, model, loss_type, tmp_path):
     from trl import DPOConfig, DPOTrainer
 
+    types, weights = (["sigmoid", "sft"], [1.0, SFT_COEF]) if loss_type == "sigmoid+sft" else ([loss_type], None)
+
     args = DPOConfig(output_dir=str(tmp_path / loss_type), per_device_train_batch_size=len(ROWS), max_steps=2,
                      learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                      adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0, beta=BETA,
-                     loss_type=[loss_type], bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
+                     loss_type=types, loss_weights=weights, bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
                      report_to=[], save_strategy="no", logging_steps=1, seed=0, dataloader_drop_last=False,
                      max_length=None, disable_tqdm=True)
     trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), args=args, train_dataset=datasets.Dataset.from_list(ROWS), processing_class=tok)
@@ -63,7 +65,8 @@ def _trl_step(tok, model, loss_type, tmp_path):
     return loss0, losses, toks, trainer.model
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", pytest.param("ipo", marks=pytest.mark.slow)])  # ~10 s each
+@pytest.mark.parametrize("loss_type", ["sigmoid", pytest.param("ipo", marks=pytest.mark.slow),
+                                       pytest.param("sigmoid+sft", marks=pytest.mark.slow)])  # ~10 s each
 def test_loss_and_first_update_match_trl(loss_type, tmp_path):
     tok, model = _models()
     ours_model = copy.deepcopy(model)
@@ -71,7 +74,8 @@ def test_loss_and_first_update_match_trl(loss_type, tmp_path):
 
     pairs = [encode_pair(tok, parse_pair(r, f"row{i}")) for i, r in enumerate(ROWS)]
     assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [tuple(map(list, t)) for t in trl_toks]
-    cfg = load_config(None, [f"dpo.loss={loss_type}", f"dpo.beta={BETA}", "train.grad_clip=1.0"])
+    sft = f"dpo.sft_coef={SFT_COEF if loss_type == 'sigmoid+sft' else 0}"
+    cfg = load_config(None, [f"dpo.loss={loss_type.split('+')[0]}", f"dpo.beta={BETA}", sft, "train.grad_clip=1.0"])
     trainer = TrainEngine(ours_model, cfg.train, cfg.algo, lr=LR, total_steps=2, warmup_steps=0)
     ref = pair_logps(trainer, pairs)
     m = dpo_step(trainer, pairs, ref, cfg.dpo)

@@ -142,14 +142,17 @@ def _lens(pairs, idx, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dpo_step(trainer, pairs: list[PairTokens], ref: list[tuple[float, float]] | None, dcfg) -> dict[str, float]:
-    """One optimizer step on `pairs` (the loss is the mean over pairs of `preference_loss`). `ref[i]`: pair i's
-    reference (chosen, rejected) log-probs (None for simpo). Returns the `dpo/*` metrics of the batch, before
-    the update."""
+    """One optimizer step on `pairs`. The loss is the mean over pairs of `preference_loss`, plus, with
+    dcfg.sft_coef = α > 0, α times the negative log-likelihood of the chosen completions averaged over their
+    tokens (RPO, Pang et al. 2024 "Iterative Reasoning Preference Optimization": it keeps DPO from lowering the
+    chosen answers' likelihood along with the rejected ones'). `ref[i]`: pair i's reference (chosen, rejected)
+    log-probs (None for simpo). Returns the `dpo/*` metrics of the batch, before the update."""
     if not pairs:
         raise ValueError("dpo_step: no pairs")
     trainer.model.train()
     trainer.optimizer.zero_grad(set_to_none=True)
     n = float(len(pairs))
+    chosen_tokens = float(sum(len(p.chosen) for p in pairs))  # the SFT term is a mean over the batch's chosen tokens
     sums = dict.fromkeys(("loss", "margin", "acc", "chosen_logp", "rejected_logp", "chosen_reward", "rejected_reward"), 0.0)
     for idx, mb, group in _packed_pairs(trainer, pairs):
         got = _mb_logps(trainer, pairs, mb, group)
@@ -161,6 +164,8 @@ def dpo_step(trainer, pairs: list[PairTokens], ref: list[tuple[float, float]] | 
             rp = PairLogps(torch.tensor([ref[i][0] for i in idx], device=dev), torch.tensor([ref[i][1] for i in idx], device=dev), cl, rl)
         per, rc, rr = preference_loss(pol, rp, dcfg.loss, dcfg.beta, dcfg.simpo_gamma, dcfg.label_smoothing)
         loss = per.sum() / n
+        if dcfg.sft_coef > 0:  # + α · NLL of the chosen completions (TRL: loss_type [sigmoid, sft], weights [1, α])
+            loss = loss - dcfg.sft_coef * pol.chosen.sum() / max(chosen_tokens, 1.0)
         (loss * trainer.world_size).backward()
         sums["loss"] += float(loss.detach())
         sums["margin"] += float((rc - rr).sum())
