@@ -210,3 +210,12 @@ def test_cli_lora_run_trains_adapters_and_saves_merged_weights(tmp_path):
     assert m[-1]["dpo/reward_margin"] > 0
     w = load_file(next((out / "checkpoints" / "step_000003").glob("*.safetensors")))
     assert not any("lora_" in k for k in w) and "model.layers.0.self_attn.q_proj.weight" in w
+
+
+def test_sft_coef_adds_the_chosen_token_mean_nll():
+    tok, model, cfg, tr = _engine(["dpo.sft_coef=0.5"])
+    _, pairs = _pairs(tok)
+    ref = pair_logps(tr, pairs)  # at step 0 the policy is the reference: the DPO part is log 2
+    m = dpo_step(tr, pairs, ref, cfg.dpo)
+    nll = -sum(c for c, _ in ref) / sum(len(p.chosen) for p in pairs)
+    assert m["dpo/loss"] == pytest.approx(math.log(2) + 0.5 * nll, abs=1e-5)
