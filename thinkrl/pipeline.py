@@ -12,10 +12,12 @@ problems with a carry that the teacher works correctly.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
 
+from thinkrl.config import DPOConfig
 from thinkrl.data.pairs import Pair
 from thinkrl.system.checkpoint import load_state
 from thinkrl.system.dpo import train_dpo
@@ -74,11 +76,13 @@ def run_pipeline(cfg, run, out: Path, stages: list[str], control: bool, teacher:
     t0 = time.perf_counter()
     cfg.data.sft_path = str(write_teacher_file(run, out / "sft"))  # as the plain quickstart: SFT on a data file
     sft_dir = RunDir(out / "sft")
-    # a finished SFT stage in OUTPUT/sft (its last checkpoint at train.sft_steps, same config) is reused: its weights,
-    # optimizer and RNG state are loaded and no step runs (the stages after it then start from the same point)
+    # a finished SFT stage in OUTPUT/sft (its last checkpoint at train.sft_steps, same config) is reused: its weights, and no step runs (the stages after it then start from the same point)
+    # optimizer and RNG state are loaded and no step runs (the stages after it then start from the same point); its
+    # config leaves out the dpo section, so that changing the DPO settings keeps the SFT stage reusable
+    sft_cfg = dataclasses.replace(cfg, dpo=DPOConfig())
     done = sft_dir.good_checkpoint()[0]
     reuse = done is not None and load_state(done).get("step", -1) == cfg.train.sft_steps
-    sft_trainer, _ = train_sft(cfg, run=run, rundir=sft_dir, resume=reuse)
+    sft_trainer, _ = train_sft(sft_cfg, run=run, rundir=sft_dir, resume=reuse)
     summary["sft_reused"] = reuse
     summary["sft_accuracy"] = _greedy(cfg, run, sft_dir)["pass@1"]
     summary.update(sft_steps=cfg.train.sft_steps, sft_seconds=time.perf_counter() - t0)
@@ -111,7 +115,7 @@ def run_pipeline(cfg, run, out: Path, stages: list[str], control: bool, teacher:
         run.model.load_state_dict(sft_state)
         sft_trainer.load_state_dict(sft_opt)
         more_dir = RunDir(out / "sft_more")
-        _, more = train_sft(cfg, run=run, rundir=more_dir, time_budget=budget, trainer=sft_trainer,
+        _, more = train_sft(sft_cfg, run=run, rundir=more_dir, time_budget=budget, trainer=sft_trainer,
                             start_step=cfg.train.sft_steps)
         summary.update(sft_more_accuracy=_greedy(cfg, run, more_dir)["pass@1"], sft_more_steps=more,
                        sft_more_seconds=time.perf_counter() - t3)

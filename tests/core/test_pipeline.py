@@ -59,9 +59,11 @@ def test_short_pipeline_writes_every_stage_and_reuses_a_finished_sft(tmp_path, c
     dpo = [json.loads(x) for x in (out / "dpo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in dpo] == [1, 2] and {"dpo/loss", "dpo/reward_acc", "dpo/reward_margin"} <= set(dpo[0])
     assert "dpo" in (out / "report.html").read_text()
-    # a rerun into the same directory reuses the finished SFT stage: the same SFT model, no SFT step
+    # a rerun into the same directory, other DPO settings, reuses the finished SFT stage: the same SFT model, no
+    # SFT step
     n_sft = len((out / "sft" / "metrics.jsonl").read_text().splitlines())
-    assert main(["quickstart", "--pipeline", "sft,dpo", "--output", str(out), *SHORT]) == 0
+    assert main(["quickstart", "--pipeline", "sft,dpo", "--output", str(out), *SHORT, "dpo.steps=1", "dpo.beta=0.3"]) == 0
     s2 = json.loads((out / "summary.json").read_text())
     assert s2["sft_reused"] and s2["sft_accuracy"] == s["sft_accuracy"] and "rl_accuracy" not in s2
+    assert s2["dpo_steps"] == 1
     assert len((out / "sft" / "metrics.jsonl").read_text().splitlines()) == n_sft
