@@ -71,7 +71,7 @@ def grpo(rewards, group_index, response_mask, cfg, values=None, eps: float = 1e-
     _check(rewards, group_index, response_mask)
     mean, std, _ = group_stats(rewards, group_index)
     adv = rewards.to(mean.dtype) - mean
-    if getattr(cfg, "norm_std", True):
+    if cfg.norm_std:
         adv = adv / (std + eps)
     return _broadcast(adv, rewards, response_mask)
 
@@ -174,7 +174,7 @@ def gae(rewards, group_index, response_mask, cfg, values=None):
     _check(rewards, group_index, response_mask)
     _need_values(values, response_mask, "gae")
     adv, _ = gae_advantages_and_returns(last_token_rewards(rewards, response_mask), values, response_mask, cfg.gamma, cfg.lam)
-    return masked_whiten(adv, response_mask) if getattr(cfg, "adv_whiten", True) else adv
+    return masked_whiten(adv, response_mask) if cfg.adv_whiten else adv
 
 
 def gae_returns(rewards, group_index, response_mask, cfg, values) -> torch.Tensor:
@@ -194,4 +194,4 @@ def ppo_critic_free(rewards, group_index, response_mask, cfg, values=None):
     _check(rewards, group_index, response_mask)
     zeros = torch.zeros(response_mask.shape, dtype=rewards.dtype, device=rewards.device)
     adv, _ = gae_advantages_and_returns(last_token_rewards(rewards, response_mask), zeros, response_mask, cfg.gamma, cfg.lam)
-    return masked_whiten(adv, response_mask) if getattr(cfg, "adv_whiten", True) else adv
+    return masked_whiten(adv, response_mask) if cfg.adv_whiten else adv

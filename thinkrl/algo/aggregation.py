@@ -36,7 +36,7 @@ def seq_mean_token_mean(per_token: torch.Tensor, inp, cfg=None) -> torch.Tensor:
 
 def length_norm(inp, cfg=None) -> float:
     """Dr.GRPO's constant normaliser: cfg.max_len_norm if set, else LossInput.max_len."""
-    norm = float(getattr(cfg, "max_len_norm", 0) or 0) or float(getattr(inp, "max_len", 0) or 0)
+    norm = float(cfg.max_len_norm if cfg is not None else 0) or float(inp.max_len)
     if norm <= 0:
         raise ValueError("loss_agg 'seq-mean-token-sum-norm' needs algo.max_len_norm > 0 or LossInput.max_len "
                          "(the batch's max response length)")

@@ -108,7 +108,7 @@ def _finish(per_token, weight, ratio, clipped, dual, inp: LossInput, cfg, metric
     })
     if cfg.dual_clip and cfg.dual_clip > 1:
         metrics["clip/dual_frac"] = _frac(dual, inp)
-    kl_in_loss = cfg.kl_coef > 0 and not getattr(cfg, "kl_in_reward", False)
+    kl_in_loss = cfg.kl_coef > 0 and not cfg.kl_in_reward
     if kl_in_loss and inp.ref_logp is None:
         raise ValueError("algo.kl_coef > 0 with the KL in the loss needs LossInput.ref_logp (reference log-probs)")
     if inp.ref_logp is not None:
@@ -159,7 +159,7 @@ def decoupled_ppo(inp: LossInput, cfg):
     per_token, clipped, dual = clipped_surrogate(ratio, inp.advantages.detach(), cfg)
     w = _ratio(inp.old_logp, inp.behav_logp).detach()
     metrics = {"is/behav_weight_max": masked_max(w, inp.mask)}
-    cap = getattr(cfg, "behav_weight_cap", 0.0)
+    cap = cfg.behav_weight_cap
     if cap and cap > 0:
         over = w > cap
         metrics["is/behav_masked_frac"] = _frac(over, inp)
