@@ -11,15 +11,15 @@ scheduler, the RNG states, the step and the reference log-probs.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 from tqdm.auto import tqdm
 
 from thinkrl.data.pairs import Pair, encode_pair, read_pairs
-from thinkrl.system.checkpoint import load_state, load_weights_into, rng_state, set_rng_state
+from thinkrl.system.checkpoint import load_state, rng_state, set_rng_state
 from thinkrl.system.rundir import RunDir
 from thinkrl.system.setup import build_run
+from thinkrl.system.train import trainable_policy
 from thinkrl.train.dpo import dpo_step, pair_logps
 from thinkrl.train.engine import TrainEngine, stop_on_bad_steps
 from thinkrl.train.sft import BatchOrder
@@ -47,17 +47,7 @@ def train_dpo(cfg, run=None, rundir: RunDir | None = None, pairs: list[Pair] | N
     toks = [encode_pair(run.tokenizer, p) for p in pairs]
     ckpt = rundir.resume_checkpoint() if resume else None
     state = load_state(ckpt) if ckpt is not None else None
-    policy = engine_model = run.model
-    if cfg.model.lora_r > 0:  # adapters train over the base weights; checkpoints hold the merged weights
-        from thinkrl.models.lora import apply_lora
-
-        engine_model = copy.deepcopy(run.model)
-        policy = apply_lora(run.model, cfg.model)
-    if state is not None:
-        if cfg.model.lora_r > 0:
-            policy.load_state_dict(state["lora"], strict=False)
-        else:
-            load_weights_into(run.model, ckpt)
+    policy, engine_model = trainable_policy(cfg, run, state, ckpt)  # LoRA: adapters over the base weights
     acfg = dataclasses.replace(cfg.algo, kl_coef=0.0)  # no RL reference copy: DPO's reference log-probs are below
     trainer = TrainEngine(policy, cfg.train, acfg, lr=cfg.dpo.lr, total_steps=cfg.dpo.steps,
                           autocast_bf16=cfg.model.autocast_bf16, warmup_steps=cfg.dpo.warmup_steps)

@@ -52,19 +52,11 @@ def run_eval(cfg, engine, run, k: int | None = None, workflow=None) -> dict:
             wf.close()
 
 
-def _adapters(policy) -> dict:
-    return {k: v.detach().clone() for k, v in policy.state_dict().items() if "lora_" in k}
-
-
-def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, time_budget: float | None = None) -> dict:
-    """RL from cfg (model from cfg.run.init_from or cfg.model). Returns the final eval metrics."""
-    rundir = rundir or RunDir(cfg.run.output_dir)
-    ckpt = rundir.resume_point() if resume else None  # None on resume: stopped before its first checkpoint
-    rundir.write_config(cfg, resume)  # on resume: first checks that the config would not change the results
-    run = run or build_run(cfg)
-    state = load_state(ckpt) if ckpt is not None else None
-    # LoRA: the trainer optimises adapters on the wrapped policy over the run's base weights; the engine and the
-    # checkpoints' HF weights are the merged weights (`engine_model`); resume restores the adapters themselves.
+def trainable_policy(cfg, run, state: dict | None, ckpt) -> tuple[object, object]:
+    """(the model the trainer optimises, the model whose weights the engine and the checkpoints get). With
+    model.lora_r > 0 the trainer optimises adapters on a wrapped policy over the run's base weights, and the engine
+    model is a copy that gets the merged weights; a resumed run restores the adapters themselves (state["lora"]),
+    a full run the checkpoint's weights."""
     policy = engine_model = run.model
     if cfg.model.lora_r > 0:
         from thinkrl.models.lora import apply_lora
@@ -76,6 +68,21 @@ def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, 
             policy.load_state_dict(state["lora"], strict=False)
         else:
             load_weights_into(run.model, ckpt)
+    return policy, engine_model
+
+
+def _adapters(policy) -> dict:
+    return {k: v.detach().clone() for k, v in policy.state_dict().items() if "lora_" in k}
+
+
+def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, time_budget: float | None = None) -> dict:
+    """RL from cfg (model from cfg.run.init_from or cfg.model). Returns the final eval metrics."""
+    rundir = rundir or RunDir(cfg.run.output_dir)
+    ckpt = rundir.resume_point() if resume else None  # None on resume: stopped before its first checkpoint
+    rundir.write_config(cfg, resume)  # on resume: first checks that the config would not change the results
+    run = run or build_run(cfg)
+    state = load_state(ckpt) if ckpt is not None else None
+    policy, engine_model = trainable_policy(cfg, run, state, ckpt)  # LoRA: adapters; the engine gets merged weights
     trainer = TrainEngine(policy, cfg.train, cfg.algo, autocast_bf16=cfg.model.autocast_bf16)
     critic = Critic.maybe_create(cfg, run)  # value model for algo.advantage=gae, else None
     teacher = Teacher.maybe_create(cfg, run.tokenizer, trainer.device)  # algo.distill_teacher, else None
