@@ -1,12 +1,14 @@
 """Imports run one way: cli -> system -> {rollout, train, algo, data, tasks, eval, models} -> types. Nothing below
-system imports system or cli (checked on the source, every import statement, top level or inside functions)."""
+system (nor the config, the logging sinks, the device and error helpers every layer uses) imports system or cli
+(checked on the source, every import statement, top level or inside functions)."""
 import ast
 from pathlib import Path
 
 import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "thinkrl"
-LOWER = ["rollout", "train", "algo", "data", "tasks", "eval", "models", "types.py"]
+LOWER = ["rollout", "train", "algo", "data", "tasks", "eval", "models", "types.py", "config.py", "logs.py", "device.py",
+         "errors.py"]
 UPPER = ("thinkrl.system", "thinkrl.cli", "thinkrl.quickstart", "thinkrl.bench", "thinkrl.tools")
 
 

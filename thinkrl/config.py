@@ -156,7 +156,7 @@ class EvalConfig:
 class LogConfig:
     progress: bool = True
     # where metrics go, each record under the same names: jsonl (RUN_DIR/metrics.jsonl, always written) |
-    # tensorboard (RUN_DIR/tensorboard) | wandb (RUN_DIR/wandb); the names registered in thinkrl.system.logs
+    # tensorboard (RUN_DIR/tensorboard) | wandb (RUN_DIR/wandb); the names registered in thinkrl.logs
     backends: list[str] = field(default_factory=lambda: ["jsonl"])
     wandb_mode: str = "offline"  # offline (no network; `wandb sync RUN_DIR/wandb/offline-run-*` uploads) | online
     wandb_project: str = "thinkrl"
@@ -419,7 +419,7 @@ def validate(cfg: Config) -> Config:
     need(cfg.dpo.warmup_steps >= 0, "dpo.warmup_steps", "must be >= 0")
     need(cfg.dpo.max_pairs >= 0, "dpo.max_pairs", "must be >= 0 (0: all)")
     need(cfg.eval.price_per_mtok >= 0, "eval.price_per_mtok", "must be >= 0")
-    from thinkrl.system.logs import missing_package, sink_names  # the logging-sink registry
+    from thinkrl.logs import missing_package, sink_names  # the logging-sink registry
 
     for name in cfg.log.backends:
         if name not in sink_names():

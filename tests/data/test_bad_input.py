@@ -17,7 +17,7 @@ import thinkrl.system.checkpoint as ckpt_mod
 from thinkrl.cli import main
 from thinkrl.models.micro import build_micro_model, build_tokenizer
 from thinkrl.system.checkpoint import OutputDirError, good_checkpoint, write_checkpoint
-from thinkrl.system.logs import Logger
+from thinkrl.logs import Logger
 from thinkrl.system.rundir import RunDir
 from thinkrl.tasks.base import Task
 from thinkrl.tasks.isolation import Scorer

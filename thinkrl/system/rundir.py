@@ -5,7 +5,7 @@
     ckpt = rundir.resume_checkpoint()                  # newest verified checkpoint (warns about bad ones)
     state = load_state(ckpt); set_rng_state(state["rng"]); ...
     rundir.save_checkpoint(step, model, tokenizer, {"trainer": ..., "rng": rng_state(), ...}, keep)
-    rundir.open_logs(cfg, start_step)                  # metrics.jsonl + log.backends (thinkrl/system/logs.py)
+    rundir.open_logs(cfg, start_step)                  # metrics.jsonl + log.backends (thinkrl/logs.py)
     rundir.log({"step": 1, ...}); rundir.close_logs()  # close at the end and on errors
 
 The checkpoint format and its atomic write are in `thinkrl/system/checkpoint.py`.
@@ -24,7 +24,7 @@ from thinkrl.system.checkpoint import (good_checkpoint, list_checkpoints, output
                                        write_checkpoint)
 # what a caller needs beside RunDir to resume, importable from here too
 from thinkrl.system.checkpoint import load_state, load_weights_into, rng_state, set_rng_state  # noqa: F401
-from thinkrl.system.logs import METRICS_FILE, Logger
+from thinkrl.logs import METRICS_FILE, Logger
 
 log = logging.getLogger("thinkrl")
 

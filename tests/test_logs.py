@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from thinkrl.config import ConfigError, load_config
-from thinkrl.system.logs import Logger, scalars
+from thinkrl.logs import Logger, scalars
 from thinkrl.system.train import train_rl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-QUICKSTART = Path(__file__).resolve().parents[2] / "thinkrl" / "configs" / "quickstart.yaml"
+QUICKSTART = Path(__file__).resolve().parents[1] / "thinkrl" / "configs" / "quickstart.yaml"
 SMALL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
          "model.intermediate_size=64", "data.num_train=64", "data.num_eval=4", "rollout.n=2",
          "rollout.batch_prompts=2", "rollout.max_new_tokens=8", "eval.k=0", "log.progress=false", "run.threads=1",
