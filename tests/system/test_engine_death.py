@@ -131,3 +131,5 @@ def test_a_run_whose_engine_process_is_killed_stops_with_one_line(tmp_path):
     assert "SIGKILL (exit code -9)" in lines[0]
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps[0] == 1 and len(steps) < 50  # what was written stays; the run did not go on without its engine
+    # train.save_every=0 (a checkpoint at the end only): what was trained before the fault is kept in one
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step_{steps[-1]:06d}"]

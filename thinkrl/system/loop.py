@@ -20,6 +20,7 @@ them: a resumed run continues as if it had never stopped.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Callable
@@ -33,7 +34,16 @@ from thinkrl.errors import RunFault
 from thinkrl.system.rollouts import Producer
 from thinkrl.system.staleness import Group, StalenessBuffer, staleness_metrics
 from thinkrl.tasks.isolation import reward_fault_metrics
-from thinkrl.train.engine import stop_on_bad_steps
+from thinkrl.train.engine import NumericalFault, stop_on_bad_steps
+
+log = logging.getLogger(__name__)
+
+
+def engine_fault_of(e: BaseException) -> RunFault | None:
+    """The RunFault of the rollout side (an engine process gone, every server down) behind `e`, else None; a
+    trainer fault (NumericalFault) is not one."""
+    fault = e if isinstance(e, RunFault) else e.__cause__ if isinstance(e.__cause__, RunFault) else None
+    return None if isinstance(fault, NumericalFault) else fault
 
 
 def needs_old_logprobs(acfg) -> bool:
@@ -122,12 +132,15 @@ def run_loop(cfg, trainer, engine, sync, workflow, train_samples, start_step: in
     producer = Producer(buffer, engine, sync, workflow, sample_lookup(cfg, train_samples), cfg.run.seed, fixed)
     producer.start()
 
+    saved = [start_step]  # the step of the newest checkpoint (or the start)
+
     def save(step: int) -> None:
         if checkpoint is None:
             return
         if fixed:  # the batches that need weights older than these: generated now, kept in the checkpoint
             producer.caught_up(step + eta)
         checkpoint(step, {"rollouts": buffer.state_dict()})
+        saved[0] = step
 
     t_start = time.perf_counter()
     step = start_step
@@ -143,7 +156,13 @@ def run_loop(cfg, trainer, engine, sync, workflow, train_samples, start_step: in
             m.update(reward_fault_metrics(trajs))  # rewards that failed (scored 0): errors, timeouts
             m.update(train_on(cfg, trainer, critic, trajs, teacher))
             t2, c2 = time.perf_counter(), time.thread_time()
-            producer.publish(trainer, trainer.version)
+            engine_fault = None
+            try:
+                producer.publish(trainer, trainer.version)
+            except RuntimeError as e:  # the engines failed taking the weights: the step is trained, keep it
+                if engine_fault_of(e) is None:
+                    raise
+                engine_fault = e
             t3 = time.perf_counter()
             step += 1
             m.update(stale)
@@ -161,14 +180,24 @@ def run_loop(cfg, trainer, engine, sync, workflow, train_samples, start_step: in
             if on_step:
                 on_step(step, m)
             stop_on_bad_steps(m, cfg.train.max_bad_steps, step)  # NaN/Inf steps in a row: stop before a checkpoint
+            if engine_fault is not None:
+                raise engine_fault
             out_of_time = time_budget is not None and time.perf_counter() - t_start >= time_budget
             if step == end_step or out_of_time or (cfg.train.save_every and step % cfg.train.save_every == 0):
                 save(step)
             if out_of_time:
                 break
     except RuntimeError as e:  # a rollout stopped by a fault (the engine process gone): its one line, not the wrap
-        if isinstance(e.__cause__, RunFault) and not isinstance(e, RunFault):
-            raise e.__cause__ from None
+        fault = engine_fault_of(e)
+        # the engines failed between steps: what was trained since the last checkpoint is kept in one (a fixed
+        # schedule's checkpoint needs the engine for the batches of older weights: it keeps its last one)
+        if fault is not None and not fixed and step > saved[0]:
+            try:
+                save(step)
+            except Exception as save_error:  # noqa: BLE001 - the engine fault is the error to report
+                log.warning("no checkpoint at step %d after the engine fault: %s", step, save_error)
+        if fault is not None and fault is not e:
+            raise fault from None
         raise
     finally:
         producer.stop()
