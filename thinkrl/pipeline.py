@@ -122,14 +122,27 @@ def run_pipeline(cfg, run, out: Path, stages: list[str], control: bool, teacher:
         echo(f"  SFT-more (control): {more} extra steps in {budget:.0f}s, greedy accuracy {summary['sft_more_accuracy']:.3f}")
 
     summary["wall_seconds"] = time.perf_counter() - t_start
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    report = write_report([out / n for n in ("sft", "dpo", "rl", "sft_more") if (out / n / "metrics.jsonl").exists()],
-                          out / "report.html")
+    report = write_outputs(out, summary, ("sft", "dpo", "rl", "sft_more"))
     echo("")
     echo(format_table(summary))
     echo(f"\nsummary: {out / 'summary.json'}   report: {report}")
     return summary
+
+
+def write_outputs(out: Path, summary: dict, phases: tuple[str, ...]) -> Path:
+    """OUT/summary.json, and OUT/report.html over the phases' run directories that wrote metrics."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return write_report([out / n for n in phases if (out / n / "metrics.jsonl").exists()], out / "report.html")
+
+
+def accuracy_table(rows: list[tuple[str, float, float | None]], s: dict) -> str:
+    """(name, accuracy, minutes or None) rows as the quickstart prints them, with the summary's footer."""
+    lines = [f"{'model':<26} {'accuracy':>9} {'minutes':>8}", "-" * 45]
+    for name, acc, mins in rows:
+        lines.append(f"{name:<26} {acc:>9.3f} {'' if mins is None else f'{mins:.1f}':>8}")
+    lines.append(f"(greedy pass@1 on {s['eval_problems']} held-out problems; total {s['wall_seconds'] / 60:.1f} min)")
+    return "\n".join(lines)
 
 
 def format_table(s: dict) -> str:
@@ -141,8 +154,4 @@ def format_table(s: dict) -> str:
         rows.append(("... -> RL (GRPO)", s["rl_accuracy"], s["rl_seconds"] / 60))
     if "sft_more_accuracy" in s:
         rows.append(("SFT, more (control)", s["sft_more_accuracy"], s["sft_more_seconds"] / 60))
-    lines = [f"{'model':<26} {'accuracy':>9} {'minutes':>8}", "-" * 45]
-    for name, acc, mins in rows:
-        lines.append(f"{name:<26} {acc:>9.3f} {'' if mins is None else f'{mins:.1f}':>8}")
-    lines.append(f"(greedy pass@1 on {s['eval_problems']} held-out problems; total {s['wall_seconds'] / 60:.1f} min)")
-    return "\n".join(lines)
+    return accuracy_table(rows, s)

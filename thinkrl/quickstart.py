@@ -13,11 +13,10 @@ import time
 from pathlib import Path
 
 from thinkrl.config import load_config
-from thinkrl.pipeline import parse_stages, run_pipeline
+from thinkrl.pipeline import accuracy_table, parse_stages, run_pipeline, write_outputs
 from thinkrl.system.rundir import RunDir
 from thinkrl.system.setup import build_run, make_inference_engine
 from thinkrl.system.train import run_eval, train_rl, train_sft, write_teacher_file
-from thinkrl.tools.report import write_report
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart.yaml"
 
@@ -91,10 +90,7 @@ def quickstart(output: str = "runs/quickstart", control: bool = False, overrides
                        sft_more_seconds=time.perf_counter() - t2)
         echo(f"  SFT-more (control): {more} extra steps in {rl_seconds:.0f}s, greedy accuracy {more_eval['pass@1']:.3f}")
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    report = write_report([out / name for name in ("sft", "rl", "sft_more") if (out / name / "metrics.jsonl").exists()],
-                          out / "report.html")
+    report = write_outputs(out, summary, ("sft", "rl", "sft_more"))
     echo("")
     echo(format_table(summary))
     echo(f"\nsummary: {out / 'summary.json'}   RL metrics: {out / 'rl' / 'metrics.jsonl'}   report: {report}")
@@ -107,8 +103,4 @@ def format_table(s: dict) -> str:
     if "sft_more_accuracy" in s:
         rows.append(("SFT, more (control)", s["sft_more_accuracy"], s["sft_more_seconds"] / 60))
     rows.append(("SFT -> RL (GRPO)", s["rl_accuracy"], s["rl_seconds"] / 60))
-    lines = [f"{'model':<26} {'accuracy':>9} {'minutes':>8}", "-" * 45]
-    for name, acc, mins in rows:
-        lines.append(f"{name:<26} {acc:>9.3f} {'' if mins is None else f'{mins:.1f}':>8}")
-    lines.append(f"(greedy pass@1 on {s['eval_problems']} held-out problems; total {s['wall_seconds'] / 60:.1f} min)")
-    return "\n".join(lines)
+    return accuracy_table(rows, s)
