@@ -393,7 +393,9 @@ def validate(cfg: Config) -> Config:
     need(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     need(cfg.train.max_bad_steps >= 0, "train.max_bad_steps", "must be >= 0 (0: never stop)")
     need(cfg.task.reward_timeout >= 0, "task.reward_timeout", "must be >= 0 (0: no limit)")
-    one_of("task.reward_isolation", ["auto", "process", "thread", "inline"])
+    from thinkrl.tasks.isolation import ISOLATION
+
+    one_of("task.reward_isolation", list(ISOLATION))
     need(cfg.task.reward_workers >= 1, "task.reward_workers", "must be >= 1")
     need(len(cfg.train.betas) == 2 and all(0 <= b < 1 for b in cfg.train.betas), "train.betas", "must be two numbers in [0, 1)")
     one_of("train.lr_schedule", ["constant", "cosine", "linear"])
@@ -409,7 +411,9 @@ def validate(cfg: Config) -> Config:
     one_of("data.format", list(FORMATS))
     need(cfg.eval.k >= 0, "eval.k", "must be >= 0")
     need(cfg.eval.sft_every >= 0, "eval.sft_every", "must be >= 0 (0: none)")
-    one_of("dpo.loss", ["sigmoid", "ipo", "simpo"])
+    from thinkrl.train.dpo import DPO_LOSSES
+
+    one_of("dpo.loss", list(DPO_LOSSES))
     need(cfg.dpo.beta > 0, "dpo.beta", "must be > 0")
     need(0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)")
     need(cfg.dpo.steps >= 0, "dpo.steps", "must be >= 0")
