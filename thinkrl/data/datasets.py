@@ -73,7 +73,8 @@ def _decode(path: Path, raw: bytes, line: int = 1) -> str:
         raise DataError(f"{path}:{at}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r})") from None
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+def iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    """(file:line, row) of each non-blank line; DataError naming file:line for bad JSON, non-UTF-8 or too deep."""
     with _open(path) as f:
         for i, raw in enumerate(f, 1):
             line = _decode(path, raw, i)
@@ -136,7 +137,7 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
     if p.is_dir():
         return _iter_hf_dir(p)
     suffix = p.suffix.lower()
-    readers = {".jsonl": _iter_jsonl, ".ndjson": _iter_jsonl, ".json": _iter_json, ".parquet": _iter_parquet}
+    readers = {".jsonl": iter_jsonl, ".ndjson": iter_jsonl, ".json": _iter_json, ".parquet": _iter_parquet}
     if suffix not in readers:
         raise DataError(f"{p}: unknown data format {suffix!r}; use .jsonl, .json, .parquet or a datasets directory")
     return readers[suffix](p)

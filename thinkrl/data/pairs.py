@@ -18,6 +18,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from thinkrl.data.datasets import iter_jsonl
+
 
 @dataclass
 class PairTokens:
@@ -80,16 +82,7 @@ def read_pairs(path: str | Path) -> list[Pair]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"dpo.path: no such file: {p}")
-    out = []
-    with p.open() as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{n}: not valid JSON ({e.msg})") from None
-            out.append(parse_pair(row, f"{p}:{n}"))
+    out = [parse_pair(row, where) for where, row in iter_jsonl(p)]  # file:line errors: bad JSON, not UTF-8
     if not out:
         raise ValueError(f"{p}: no pairs (the file is empty)")
     return out
