@@ -168,7 +168,7 @@ def test_checkpoints_carry_the_rollouts_and_resume_trains_each_group_once(fixed)
     over = [f"rollout.batch_prompts={B}", f"rollout.max_staleness={eta}", "algo.loss=decoupled_ppo",
             "train.save_every=2", f"run.deterministic={str(fixed).lower()}"]
     saved = {}
-    last, _, _, ms = _fake_run(over, steps=4, checkpoint=lambda s, st: saved.setdefault(s, st))
+    last, _, _, ms = _fake_run(over, steps=4, checkpoint=lambda s, st, keep_all: saved.setdefault(s, st))
     assert last == 4 and sorted(saved) == [2, 4]
     st2 = saved[2]["rollouts"]
     trained = [j for m in ms[:2] for j in m["groups"]]

@@ -117,12 +117,13 @@ def remove_leftovers(root: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def write_checkpoint(root: Path, step: int, model, tokenizer, state: dict, keep: int) -> Path:
-    """Write step `step`'s checkpoint atomically under `root`; keep the newest `keep`. Returns its directory.
+def write_checkpoint(root: Path, step: int, model, tokenizer, state: dict, keep: int | None) -> Path:
+    """Write step `step`'s checkpoint atomically under `root`; keep the newest `keep` (None: every earlier one).
+    Returns its directory.
 
     Checkpoints of later steps than `step` are deleted: they belong to a run this one resumed before, whose
     metrics were truncated, so the one just written is the newest."""
-    if keep < 1:
+    if keep is not None and keep < 1:
         raise ValueError(f"train.keep_checkpoints: must be >= 1, got {keep}")
     final = root / checkpoint_name(step)
     tmp = root / (final.name + ".tmp")
@@ -145,7 +146,7 @@ def write_checkpoint(root: Path, step: int, model, tokenizer, state: dict, keep:
         tmp.rename(final)
     _fsync(root)
     done = [c for c in list_checkpoints(root) if checkpoint_step(c) <= step]
-    for c in [c for c in list_checkpoints(root) if checkpoint_step(c) > step] + done[:-keep]:
+    for c in [c for c in list_checkpoints(root) if checkpoint_step(c) > step] + (done[:-keep] if keep else []):
         shutil.rmtree(c)
     return final
 

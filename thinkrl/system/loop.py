@@ -10,7 +10,7 @@ One step, written once (read `run_loop` top to bottom):
     batch   = make_batch(trajs, algo)           # rewards -> shaping -> advantages
     metrics = trainer.step(batch)               # the loss the config names; nothing is swapped
     producer.publish(trainer, version)          # weights to the engine (now, or when the fixed schedule needs them)
-    checkpoint(step, state)                     # every train.save_every steps and at the end
+    checkpoint(step, state, keep_all)           # every train.save_every steps and at the end
 
 Rollouts run on the producer's thread (thinkrl.system.rollouts) while the trainer trains; with η = 0 the bound
 lets a batch start only after the previous step's weights are loaded, which is the synchronous loop.
@@ -118,12 +118,12 @@ def train_on(cfg, trainer, critic, trajs, teacher=None) -> dict:
 
 def run_loop(cfg, trainer, engine, sync, workflow, train_samples, start_step: int, end_step: int,
              on_step: Callable[[int, dict], None] | None = None,
-             checkpoint: Callable[[int, dict], None] | None = None, time_budget: float | None = None,
+             checkpoint: Callable[[int, dict, bool], None] | None = None, time_budget: float | None = None,
              critic=None, restore: dict | None = None, teacher=None) -> int:
     """Steps [start_step, end_step) (or until time_budget seconds). Returns the last finished step.
     `engine` generates the rollouts and `sync` loads weights into it (thinkrl.rollout.weights). `checkpoint(step,
-    state)` is called every train.save_every steps and at the end with what the rollouts need to continue
-    (`restore` on resume). `teacher`: the distillation teacher (algo.distill_teacher), or None."""
+    state, keep_all)` is called every train.save_every steps and at the end with what the rollouts need to continue
+    (`restore` on resume), and after an engine fault with keep_all=True (no earlier checkpoint is rotated out). `teacher`: the distillation teacher (algo.distill_teacher), or None."""
     B, eta, fixed = cfg.rollout.batch_prompts, cfg.rollout.max_staleness, cfg.run.deterministic
     buffer = StalenessBuffer(B, eta, start_step, trainer.version,
                              adaptive=cfg.rollout.admission == "adaptive" and not fixed)
@@ -134,12 +134,12 @@ def run_loop(cfg, trainer, engine, sync, workflow, train_samples, start_step: in
 
     saved = [start_step]  # the step of the newest checkpoint (or the start)
 
-    def save(step: int) -> None:
+    def save(step: int, keep_all: bool = False) -> None:
         if checkpoint is None:
             return
         if fixed:  # the batches that need weights older than these: generated now, kept in the checkpoint
             producer.caught_up(step + eta)
-        checkpoint(step, {"rollouts": buffer.state_dict()})
+        checkpoint(step, {"rollouts": buffer.state_dict()}, keep_all)
         saved[0] = step
 
     t_start = time.perf_counter()
@@ -189,11 +189,12 @@ def run_loop(cfg, trainer, engine, sync, workflow, train_samples, start_step: in
                 break
     except RuntimeError as e:  # a rollout stopped by a fault (the engine process gone): its one line, not the wrap
         fault = engine_fault_of(e)
-        # the engines failed between steps: what was trained since the last checkpoint is kept in one (a fixed
-        # schedule's checkpoint needs the engine for the batches of older weights: it keeps its last one)
+        # the engines failed between steps: what was trained since the last checkpoint is kept in one, and every
+        # checkpoint written before stays (a fixed schedule's checkpoint needs the engine for the batches of older
+        # weights: it keeps its last one)
         if fault is not None and not fixed and step > saved[0]:
             try:
-                save(step)
+                save(step, keep_all=True)
             except Exception as save_error:  # noqa: BLE001 - the engine fault is the error to report
                 log.warning("no checkpoint at step %d after the engine fault: %s", step, save_error)
         if fault is not None and fault is not e:

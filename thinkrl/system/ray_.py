@@ -239,10 +239,10 @@ def run_ray(cfg, trainer, engine, workflow, train_samples, start_step: int, end_
         if on_step:
             on_step(step, m)
 
-    def save(step: int, state: dict) -> None:
+    def save(step: int, state: dict, keep_all: bool = False) -> None:
         pull()
         if checkpoint:
-            checkpoint(step, state)
+            checkpoint(step, state, keep_all)
 
     try:
         last = run_loop(cfg, rtrainer, sync.engine, sync, workflow, train_samples, start_step, end_step, step_done,

@@ -118,8 +118,9 @@ class RunDir:
             raise output_error(self.metrics_path, e, "cannot truncate the metrics for --resume") from e
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, step: int, model, tokenizer, state: dict, keep: int) -> Path:
-        """Atomically write checkpoints/step_NNNNNN (HF model + `state` + manifest); keep the newest `keep`."""
+    def save_checkpoint(self, step: int, model, tokenizer, state: dict, keep: int | None) -> Path:
+        """Atomically write checkpoints/step_NNNNNN (HF model + `state` + manifest); keep the newest `keep` (None:
+        all)."""
         return write_checkpoint(self.ckpt_root, step, model, tokenizer, state, keep)
 
     def checkpoints(self) -> list[Path]:

@@ -97,7 +97,7 @@ def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, 
     if engine_model is not policy:
         engine_model.load_state_dict(trainer.export_weights())
 
-    def save(step: int, loop_state: dict) -> None:
+    def save(step: int, loop_state: dict, keep_all: bool = False) -> None:
         if engine_model is not policy:
             engine_model.load_state_dict(trainer.export_weights())
         st = {"step": step, "trainer": trainer.state_dict(), "rng": rng_state(), **loop_state}
@@ -105,7 +105,7 @@ def train_rl(cfg, resume: bool = False, run=None, rundir: RunDir | None = None, 
             st["critic"] = critic.state_dict()
         if cfg.model.lora_r > 0:
             st["lora"] = _adapters(policy)
-        rundir.save_checkpoint(step, engine_model, run.tokenizer, st, cfg.train.keep_checkpoints)
+        rundir.save_checkpoint(step, engine_model, run.tokenizer, st, None if keep_all else cfg.train.keep_checkpoints)
 
     engine = make_inference_engine(cfg, engine_model, run.tokenizer, version=trainer.version)
     workflow = make_workflow(cfg, run)
