@@ -251,22 +251,40 @@ def test_weight_update_during_rollout_aborts_and_resumes(tmp_path):
     micro(seed=1).save_pretrained(tmp_path / "w")
     params = SamplingParams(max_new_tokens=50, temperature=1.0)
     with Fleet(1, engine=EmbeddedEngine) as f:
-        remote = RemoteEngine(f.urls, pause_mode="abort")
+        engine, remote = f.engines[0], RemoteEngine(f.urls, pause_mode="abort")
+        gate = {"held": 0}
+        step = engine.step
+
+        def held_step():
+            """Once a sample has 2 tokens, hold the engine (step lock released) until the pause arrives, so
+            the update lands mid-sample however slow the machine is."""
+            out = step()
+            if not gate["held"] and engine.scheduler.running and engine.progress() >= 2:
+                gate["held"] = 1
+                engine._step_lock.release()
+                try:
+                    wait_for(lambda: engine._paused, timeout=60)
+                finally:
+                    engine._step_lock.acquire()
+            return out
+
+        engine.step = held_step
 
         async def attempt(v):
             task = asyncio.create_task(remote.generate(PROMPT, replace_seed(params, v)))
-            await asyncio.to_thread(wait_for, lambda: f.engines[0].stats()["running"] > 0 or task.done())
+            await asyncio.to_thread(wait_for, lambda: gate["held"] or task.done(), 60)
             await asyncio.to_thread(remote.load_weights, str(tmp_path / "w"), v)
             return await task
 
-        for v in range(1, 6):  # bounded: the update must land while the sample is running
+        for v in range(1, 6):  # a sample may stop before its second token: then try the next seed
+            gate["held"] = 0
             g = asyncio.run(attempt(v))[0]
             assert g.versions == sorted(g.versions) and set(g.versions) <= {v - 1, v}
             assert len(g.tokens) == 50 or g.finish == "stop"
-            if remote.counters["resumes"]:
-                assert set(g.versions) == {v - 1, v}
+            if gate["held"]:
+                assert remote.counters["resumes"] >= 1 and set(g.versions) == {v - 1, v}
                 break
-        assert remote.counters["resumes"] >= 1
+        assert gate["held"] and remote.counters["resumes"] >= 1
 
 
 def replace_seed(params, seed):
