@@ -25,7 +25,7 @@ from torch import nn
 from thinkrl.algo.losses import reduce_metrics, value_loss
 from thinkrl.train.attention import enable_packed_attention, packed_forward
 from thinkrl.train.packing import MicroBatch, make_micro_batches
-from thinkrl.train.engine import pad_right
+from thinkrl.train.engine import NanGuard, pad_right
 from thinkrl.types import Trajectory
 
 
@@ -76,7 +76,8 @@ class ValueModel(nn.Module):
 
 
 class Critic:
-    """A value model with its own AdamW (constant lr = algo.critic_lr or algo.lr).
+    """A value model with its own AdamW (constant lr = algo.critic_lr or algo.lr) and its own NaN guard
+    (`NanGuard`: a step with NaN/Inf in the loss or the gradients is skipped and counted in `critic/skipped_steps`).
 
     `values` and `step` split the trajectories into micro-batches exactly like the trainer (packed,
     optionally sharing prompts, under train.max_tokens_per_mb; padded when train.packing is false).
@@ -91,7 +92,8 @@ class Critic:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=tuple(tcfg.betas),
                                            weight_decay=tcfg.weight_decay, fused=self.device.type == "cuda")
         self.autocast = autocast_bf16 and self.device.type in ("cuda", "cpu")
-        self.steps = 0  # critic updates done
+        self.steps = 0  # critic updates done (a skipped one too: it counts toward algo.critic_warmup_steps)
+        self.guard = NanGuard("critic")
 
     @classmethod
     def maybe_create(cls, cfg, run) -> "Critic | None":
@@ -138,6 +140,8 @@ class Critic:
 
         The loss is 0.5 * (V - R)^2 summed over loss tokens / the batch's loss-token count (split-invariant);
         with algo.value_clip > 0, clipped around `old_values` (the values GAE used; recomputed if None).
+        An epoch whose loss or gradient norm is NaN/Inf is skipped: the weights and the optimizer state stay as
+        they were (`NanGuard`; counted in critic/skipped_steps and critic/bad_steps_in_row).
         """
         if len(returns) != len(trajs):
             raise ValueError(f"critic.step: {len(returns)} return lists for {len(trajs)} trajectories")
@@ -156,6 +160,7 @@ class Critic:
         for epoch in range(max(1, self.acfg.ppo_epochs)):
             self.optimizer.zero_grad(set_to_none=True)
             per_mb = []
+            loss_sum = 0.0
             for group, mb in mbs:
                 v = torch.cat(self._forward(mb))
                 ret = cat([returns[i] for i in group])
@@ -163,26 +168,29 @@ class Critic:
                 old = cat([old_values[i] for i in group]) if clip > 0 else None
                 loss, m = value_loss(v, ret, mask, num_tokens, old_values=old, clip=clip)
                 loss.backward()
+                loss_sum += m["loss/value"]
                 per_mb.append(m)
                 if epoch == 0:
                     pre.append((v.detach(), ret, mask))
-            gnorm = torch.nn.utils.clip_grad_norm_(params, self.tcfg.grad_clip or float("inf"))
-            self.optimizer.step()
+            gnorm = self.guard.step(params, self.optimizer, None, self.tcfg.grad_clip, loss_sum)
         self.steps += 1
         out = reduce_metrics(per_mb)  # the last epoch's loss
         out.update(_value_stats(*(torch.cat(x) for x in zip(*pre))))
-        out["critic/grad_norm"] = float(gnorm)
+        out["critic/grad_norm"] = gnorm
         out["critic/lr"] = self.optimizer.param_groups[0]["lr"]
+        out.update(self.guard.metrics())
         return out
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "steps": self.steps}
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "steps": self.steps,
+                **self.guard.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.steps = int(state["steps"])
+        self.guard.load_state_dict(state)  # an older checkpoint without the counts: 0
 
 
 def _value_stats(v: torch.Tensor, ret: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:

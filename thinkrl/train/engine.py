@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -25,12 +26,53 @@ class NumericalFault(RunFault):
 
 
 def stop_on_bad_steps(metrics: dict, max_bad_steps: int, step: int) -> None:
-    """Raise NumericalFault naming `step` when the trainer's metrics show `max_bad_steps` (> 0) bad steps in a row."""
-    bad = int(metrics.get("train/bad_steps_in_row", 0))  # absent: no policy step this time (critic warm-up)
-    if max_bad_steps and bad >= max_bad_steps:
-        raise NumericalFault(f"step {step}: {bad} optimizer steps in a row had NaN/Inf in the loss or gradients and "
-                             f"were skipped (train.max_bad_steps={max_bad_steps}); stopped, the checkpoints and "
-                             "metrics written before are kept")
+    """Raise NumericalFault naming `step` when the metrics show `max_bad_steps` (> 0) bad steps in a row of the
+    policy's optimizer (`train/bad_steps_in_row`) or the critic's (`critic/bad_steps_in_row`)."""
+    for prefix, who in (("train", ""), ("critic", "critic ")):
+        bad = int(metrics.get(f"{prefix}/bad_steps_in_row", 0))  # absent: no such step this time (critic warm-up)
+        if max_bad_steps and bad >= max_bad_steps:
+            raise NumericalFault(f"step {step}: {bad} {who}optimizer steps in a row had NaN/Inf in the loss or "
+                                 f"gradients and were skipped (train.max_bad_steps={max_bad_steps}); stopped, the "
+                                 "checkpoints and metrics written before are kept")
+
+
+@dataclass
+class NanGuard:
+    """The NaN guard of one optimizer (the policy's: prefix "train"; the critic's: "critic"). `step` clips and
+    steps unless the loss or the gradient norm is NaN/Inf: then the gradients are dropped and the weights, the
+    optimizer state and the LR schedule stay as they were (the schedule counts applied updates); the skip is
+    counted in `skipped_steps` (in all) and `bad_in_row` (the current run of them)."""
+
+    prefix: str
+    skipped_steps: int = 0
+    bad_in_row: int = 0
+
+    def step(self, params, optimizer, scheduler, grad_clip: float, loss: float, norm_only: bool = False) -> float:
+        """One guarded optimizer step; the gradient norm (before clipping). `norm_only`: decide on the norm alone
+        (data parallel: the all-reduced norm is the same on every rank, and a rank's NaN loss makes it NaN too)."""
+        gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
+        g = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)  # the all-reduced gradients' norm
+        if math.isfinite(g) and (norm_only or math.isfinite(loss)):
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            self.bad_in_row = 0
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self.bad_in_row += 1
+        return g
+
+    def metrics(self) -> dict[str, float]:
+        return {f"{self.prefix}/skipped_steps": float(self.skipped_steps),
+                f"{self.prefix}/bad_steps_in_row": float(self.bad_in_row)}
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped_steps": self.skipped_steps, "bad_in_row": self.bad_in_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        """From a checkpoint's state (the keys of `state_dict`; an older checkpoint without them: 0)."""
+        self.skipped_steps, self.bad_in_row = int(state.get("skipped_steps", 0)), int(state.get("bad_in_row", 0))
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -88,7 +130,7 @@ class TrainEngine:
             self.model = self.dist.wrap(model)  # DDP / FSDP2, before the optimizer sees the parameters
         self.device = next(model.parameters()).device
         self.version = 0  # optimizer steps taken, a skipped one (NaN/Inf) too: the policy version
-        self.skipped_steps = self.bad_in_row = 0  # steps skipped for NaN/Inf: in all, and the current run of them
+        self.guard = NanGuard("train")  # optimizer steps skipped for NaN/Inf
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params, lr=lr if lr is not None else acfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay,
@@ -253,24 +295,21 @@ class TrainEngine:
 
     # ------------------------------------------------------------------ the NaN guard
     def _optimizer_step(self, loss: float) -> float:
-        """Clip and step, unless the loss or the gradient norm is NaN/Inf: then the gradients are dropped and the
-        weights, the optimizer state and the LR schedule stay as they were (the schedule counts applied updates);
-        the skip is counted. Returns the gradient norm (before clipping)."""
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip or float("inf"))
-        g = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)  # the all-reduced gradients' norm
-        # data parallel: decided on that norm alone, the same on every rank (a rank's NaN loss makes it NaN too)
-        if math.isfinite(g) and (self.dist is not None or math.isfinite(loss)):
-            self.optimizer.step()
-            self.scheduler.step()
-            self.bad_in_row = 0
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
-            self.bad_in_row += 1
-        return g
+        """The guarded optimizer step (`NanGuard.step`); with data parallelism decided on the all-reduced
+        gradient norm alone, the same on every rank. Returns the gradient norm (before clipping)."""
+        return self.guard.step(self.model.parameters(), self.optimizer, self.scheduler, self.tcfg.grad_clip, loss,
+                               norm_only=self.dist is not None)
 
     def _skip_metrics(self) -> dict[str, float]:
-        return {"train/skipped_steps": float(self.skipped_steps), "train/bad_steps_in_row": float(self.bad_in_row)}
+        return self.guard.metrics()
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.guard.skipped_steps
+
+    @property
+    def bad_in_row(self) -> int:
+        return self.guard.bad_in_row
 
     # ------------------------------------------------------------------ weights & state
     def export_weights(self) -> dict[str, torch.Tensor]:
@@ -286,7 +325,7 @@ class TrainEngine:
             self.dist.share("state_dict")
         optim = self.dist.optimizer_state(self.model, self.optimizer) if self.dist else self.optimizer.state_dict()
         return {"optimizer": optim, "scheduler": self.scheduler.state_dict(), "version": self.version,
-                "skipped_steps": self.skipped_steps, "bad_in_row": self.bad_in_row}
+                **self.guard.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Data parallel: called on rank 0 after its model got the checkpoint's weights; every rank gets both."""
@@ -297,4 +336,4 @@ class TrainEngine:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.version = state["version"]
-        self.skipped_steps, self.bad_in_row = state.get("skipped_steps", 0), state.get("bad_in_row", 0)  # older: none
+        self.guard.load_state_dict(state)
