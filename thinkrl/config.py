@@ -473,8 +473,8 @@ def combinations(cfg: Config) -> None:
            "run.deterministic with algo.dynamic_sampling: supported with rollout.max_staleness=0 only")
     refuse(cfg.train.world_size > 1 and (eta > 0 or cfg.cluster.backend != "local"),
            "train.world_size > 1: data-parallel training runs with rollout.max_staleness=0 and cluster.backend=local")
-    refuse(bool(a.distill_teacher) and not cfg.train.packing,
-           "algo.distill_teacher: the teacher's forward is packed; needs train.packing=true")
+    refuse(bool(a.distill_teacher) and "://" not in a.distill_teacher and not cfg.train.packing,
+           "algo.distill_teacher: a local teacher's forward is packed; needs train.packing=true")
     c = cfg.cluster
     if c.backend == "ray":
         refuse(bool(a.distill_teacher), "algo.distill_teacher: the Ray backend has no teacher; use cluster.backend=local")

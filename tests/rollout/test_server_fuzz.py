@@ -39,7 +39,8 @@ sampling = st.fixed_dictionaries({}, optional={k: leaf for k in sampling_keys}) 
 top_keys = ["max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n", "best_of", "logprobs",
             "top_logprobs", "stream", "stop", "stop_token_ids", "seed", "echo", "return_logprob",
             "top_logprobs_num", "return_text_in_logprobs", "return_tokens_as_token_ids", "return_token_ids", "rid",
-            "skip_special_tokens", "include_stop_str_in_output", "load_format", "abort_all_requests", "model"]
+            "skip_special_tokens", "include_stop_str_in_output", "load_format", "abort_all_requests", "model",
+            "prompt_logprobs", "logprob_start_len"]
 body = st.fixed_dictionaries({}, optional={**{k: leaf for k in top_keys}, **value, "sampling_params": sampling})
 HOSTILE = [b"NaN", b'{"temperature": Infinity}', b'{"sampling_params": {"top_p": 1e999}}', b"[]", b"null", b'"x"',
            b'{"input_ids": [' + b"9" * 5000 + b"]}", b"\xff\xfe{}", b'{"input_ids": ' + b"[" * 15000 + b"]" * 15000 + b"}",

@@ -69,6 +69,8 @@ class AlgoConfig:
     # --- on-policy distillation (thinkrl.algo.distill): the teacher scores the student's sampled tokens;
     # A_t = distill_verifier_coef * A^verifier_t - distill_coef * k(log pi_student, log pi_teacher)
     distill_teacher: str = ""  # "": off | a local HF model directory / thinkrl checkpoint (the policy's tokenizer)
+    # | http://host:port[,http://host2:port]: inference servers that score the tokens (thinkrl serve, SGLang, vLLM)
+    distill_teacher_api: str = "sglang"  # a remote teacher's API: sglang (/generate) | openai (/v1/completions)
     distill_coef: float = 1.0  # weight of the per-token reverse-KL term (> 0)
     distill_verifier_coef: float = 1.0  # weight of the verifier's advantage (0: pure distillation)
     distill_estimator: str = "k1"  # k1 | k2 | k3 (registry: thinkrl.algo.kl); k1: log pi_S - log pi_T
@@ -118,6 +120,11 @@ class AlgoConfig:
         need(self.distill_estimator in registered_kl(), "distill_estimator", f"must be one of {', '.join(registered_kl())}")
         need(self.distill_coef > 0, "distill_coef", "must be > 0 (unset algo.distill_teacher for no distillation)")
         need(self.distill_verifier_coef >= 0, "distill_verifier_coef", "must be >= 0 (0: pure distillation)")
+        need(self.distill_teacher_api in ("sglang", "openai"), "distill_teacher_api", "must be sglang or openai")
+        if "://" in self.distill_teacher:
+            need(all(u.strip().startswith(("http://", "https://")) and u.split("://", 1)[1].strip()
+                     for u in self.distill_teacher.split(",")), "distill_teacher",
+                 "a remote teacher is one or more comma-separated http:// or https:// URLs")
         need(not (self.distill_teacher and self.distill_verifier_coef == 0 and self.mask_uniform_groups),
              "mask_uniform_groups", "must be false in pure distillation (algo.distill_verifier_coef=0): it would drop "
              "the teacher's signal on every group whose rewards are equal")

@@ -103,7 +103,7 @@ def get_id_lists(val, name: str) -> tuple[list[list[int]], bool]:
 # sampling keys we accept only at their neutral value (any other value changes sampling: refuse it)
 NEUTRAL = {"min_new_tokens": 0, "min_tokens": 0, "frequency_penalty": 0, "presence_penalty": 0,
            "repetition_penalty": 1, "min_p": 0, "ignore_eos": False, "logit_bias": {}, "json_schema": None,
-           "regex": None, "ebnf": None, "custom_params": None, "echo": False, "suffix": None,
+           "regex": None, "ebnf": None, "custom_params": None, "suffix": None,
            "token_ids_logprob": None, "lora_path": None, "custom_logit_processor": None}
 IGNORED = {"skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim", "include_stop_str_in_output",
            "user", "stream_options", "model", "return_text_in_logprobs", "logprob_start_len", "rid", "stream",

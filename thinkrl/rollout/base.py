@@ -5,9 +5,11 @@ InferenceEngine, declares what it can do in `caps`, and is built by name through
     gens = await engine.generate(prompt_ids, params, n=8)     # asyncio; many calls may be in flight
     groups = engine.generate_batch(prompts, params, n=8)      # blocking, from any thread
     engine.load_weights(state_dict, version=3)                # pause(mode) -> update_weights -> resume()
+    lps = engine.score([prompt + response])                   # caps.score: teacher-forced log-probs, lps[0][0] = 0
 
 Callers decide from `caps`, never from an engine's type or attributes. An engine implements `generate`,
-`pause`, `update_weights` and `resume`; batching, the blocking API and the weight load are written here once.
+`pause`, `update_weights` and `resume` (and `score`, declaring caps.score); batching, the blocking API and the
+weight load are written here once.
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ class EngineCaps:
     # generation cannot overlap training (the trainer changes the weights under it)
     mid_sequence_update: bool = False  # a load may land between two tokens of an in-flight sequence, which
     # continues with the new weights; its tokens are tagged with the version that produced each
+    score: bool = False  # has score(): the log-prob of every token of given sequences on the current weights
 
     def __post_init__(self):
         if not self.pause_modes or any(m not in PAUSE_MODES for m in self.pause_modes):
@@ -108,6 +111,13 @@ class InferenceEngine(abc.ABC):
     @abc.abstractmethod
     def resume(self) -> None:
         """Continue generating (in-flight sequences with the weights loaded now)."""
+
+    def score(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Blocking, for engines with caps.score: per sequence, its log-probs on the weights loaded now,
+        aligned with its tokens: [0.0, log p(s[1] | s[:1]), ..., log p(s[-1] | s[:-1])] (log_softmax of the raw
+        logits, temperature 1). Never races a weight load. ValueError on an empty sequence or a bad token id."""
+        raise NotImplementedError(f"the {self.name or type(self).__name__} engine cannot score sequences "
+                                  "(caps.score is false)")
 
     # ------------------------------------------------------------------ written once, for every engine
     async def generate_many(self, requests: list[GenerateCall]) -> list[list[Generation]]:
@@ -203,6 +213,20 @@ def engine_class(name: str) -> type[InferenceEngine]:
     if name not in ENGINES:
         raise ValueError(f"rollout.engine: unknown value {name!r}; valid: {', '.join(engine_names())}")
     return ENGINES[name]
+
+
+def check_sequences(sequences, vocab: int, max_len: int) -> list[list[int]]:
+    """score()'s input as lists of ints, each 1..max_len ids in [0, vocab); else a ValueError naming the first bad one."""
+    out = []
+    for i, s in enumerate(sequences):
+        s = [int(t) for t in s]
+        if not 1 <= len(s) <= max_len:
+            raise ValueError(f"score: sequence {i} has {len(s)} tokens; need 1 to {max_len}")
+        bad = next((t for t in s if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"score: sequence {i}: token id {bad} out of range [0, {vocab})")
+        out.append(s)
+    return out
 
 
 def pause_mode_choices(engine: str) -> list[str]:

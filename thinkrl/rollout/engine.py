@@ -17,7 +17,8 @@ A sequence's randomness is a pure function of (seed, sample index, token index),
 reproducible whatever runs beside it. Log-probs are log_softmax of the raw logits (temperature 1), whatever the
 sampling temperature. Stop: stop_token_ids (plus the model's EOS ids when stop_at_eos) and stop strings (needs a
 tokenizer); the token that completes a stop is kept. finish is "stop", "length" (max_new_tokens) or "abort".
-Weights: pause() stops at a token boundary, update_weights() copies weights in place and flushes the prefix
+score() gives teacher-forced log-probs of given sequences on the current weights (a teacher's scores), between
+two steps. Weights: pause() stops at a token boundary, update_weights() copies weights in place and flushes the prefix
 cache, resume() continues. With pause mode in_place the in-flight sequences keep the KV computed with the old
 weights (partial rollout): only new tokens use the new weights, and every token carries the version that
 produced it. Pause mode abort (or abort_all()) ends in-flight requests with their partial output.
@@ -31,7 +32,8 @@ import threading
 
 import torch
 
-from thinkrl.rollout.base import EngineCaps, GenerateCall, InferenceEngine, StreamEvent, register_engine
+from thinkrl.rollout.base import EngineCaps, GenerateCall, InferenceEngine, StreamEvent, check_sequences, \
+    register_engine
 from thinkrl.rollout.model_runner import ModelRunner, Sampled
 from thinkrl.rollout.scheduler import Scheduler
 from thinkrl.rollout.sequence import Request, Sequence, new_request
@@ -49,7 +51,7 @@ def _resolve(fut: asyncio.Future, res) -> None:
 @register_engine("embedded")
 class EmbeddedEngine(InferenceEngine):
     caps = EngineCaps(in_process=True, pause_modes=("in_place", "abort"), transports=("memory", "disk"),
-                      mid_sequence_update=True)
+                      mid_sequence_update=True, score=True)
 
     def __init__(self, model, tokenizer=None, *, max_seqs: int = 256, max_len: int | None = None,
                  max_tokens: int | None = None, prefix_cache_tokens: int = 65536, max_prefill_tokens: int = 8192,
@@ -206,6 +208,14 @@ class EmbeddedEngine(InferenceEngine):
             for slot, seq in self.scheduler.running.items():
                 seq.marks.append((gens[slot], version))
             self.version = version
+
+    def score(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Teacher-forced log-probs of whole sequences (InferenceEngine.score) on the engine's weights, computed
+        between two steps under the step lock (so never across a weight load), beside the running sequences,
+        whose KV cache and state it leaves alone."""
+        seqs = check_sequences(sequences, self.runner.vocab_size, self.max_len)
+        with self._step_lock, torch.inference_mode():
+            return self.runner.score(seqs)
 
     def progress(self) -> int:
         """Most tokens generated so far by a running sequence (read without waiting for the step lock)."""

@@ -2,7 +2,8 @@
 
 A runner owns the weights and the per-slot KV memory and offers the few operations the scheduler needs:
 `extend` (compute new tokens of some slots: prefill, or a prompt continuing a cached prefix), `decode` (one token
-for each of slots [0, hi)), and slot bookkeeping (`ensure`, `copy`, `move`, `save`, `load`, `load_state_dict`).
+for each of slots [0, hi)), `score` (teacher-forced log-probs of whole sequences, outside the slots), and slot
+bookkeeping (`ensure`, `copy`, `move`, `save`, `load`, `load_state_dict`).
 
 - `LeanRunner`: a compact forward for the Llama family (llama, qwen2, mistral): RMSNorm, RoPE (the model's own
   rotary module gives the cos/sin tables, so rope_theta and static scalings such as linear/llama3/yarn are exact;
@@ -235,11 +236,32 @@ class LeanRunner:
         x = self._layers(self.embed[tok], pos[:, None], slice(0, hi), length)
         return self._logits(x)
 
+    def score(self, tokens: list[list[int]]) -> list[torch.Tensor]:
+        """Teacher-forced log-probs of whole sequences, each `[len - 1]`: log p(tokens[b][t] | tokens[b][:t]) for
+        t >= 1. Runs the same layers as extend over a scratch KV cache, so the slots' KV is never touched."""
+        dev, B, Tn = self.device, len(tokens), max(map(len, tokens))
+        ids = torch.zeros(B, Tn, dtype=torch.long)
+        for b, t in enumerate(tokens):
+            ids[b, : len(t)] = torch.tensor(t)
+        lens = torch.tensor([len(t) for t in tokens], device=dev)
+        pos = torch.minimum(torch.arange(Tn, device=dev)[None], (lens - 1)[:, None]).expand(B, Tn).contiguous()
+        valid = torch.arange(Tn, device=dev)[None] < lens[:, None]
+        scratch = SlotKVCache(self.L, self.KVH, self.D, B, Tn, self.dtype, dev)
+        scratch.ensure(B, Tn)
+        x = self._layers(self.embed[ids.to(dev).flatten()], pos, torch.arange(B, device=dev), Tn, valid, scratch)
+        out = []
+        for b, t in enumerate(tokens):
+            logp = torch.log_softmax(self._logits(x[b * Tn: b * Tn + len(t) - 1]), -1)
+            out.append(logp.gather(-1, ids[b, 1: len(t), None].to(dev))[:, 0])
+        return out
+
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(_rms_norm(x, self.norm, self.eps), self.lm_head).float()
 
     def _layers(self, x: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor | slice, T: int,
-                valid: torch.Tensor | None = None) -> torch.Tensor:
+                valid: torch.Tensor | None = None, cache: SlotKVCache | None = None) -> torch.Tensor:
+        """`cache`: where K/V are written and read (default: the slots' cache; score passes a scratch one)."""
+        cache = self.cache if cache is None else cache
         B, Tn = pos.shape
         H, KVH, G, D = self.H, self.KVH, self.G, self.D
         cos, sin = (t[pos][:, :, None] * self.head_scale for t in (self.cos, self.sin))  # [B, Tn, H+KVH, D]
@@ -262,8 +284,8 @@ class LeanRunner:
             qkv = self.linear(h, w["qkv"], w["qkv_b"]).view(B, Tn, H + 2 * KVH, D)
             qk = _rope(qkv[:, :, : H + KVH], cos, sin)  # q (pre-scaled) and k rotated together
             k, v = qk[:, :, H:], qkv[:, :, H + KVH:]
-            self.cache.write(li, wslots, wpos, *((k, v) if valid is None else (k[valid], v[valid])))
-            kt, vt = self.cache.read(li, slots, T)  # [B, KVH, D, T]
+            cache.write(li, wslots, wpos, *((k, v) if valid is None else (k[valid], v[valid])))
+            kt, vt = cache.read(li, slots, T)  # [B, KVH, D, T]
             q = qk[:, :, :H].reshape(B, Tn, KVH, G, D).permute(0, 2, 3, 1, 4).reshape(B, KVH, G * Tn, D)
             s = torch.matmul(q, kt).add_(masks[win])
             p = torch.softmax(s, -1, dtype=torch.float32).to(self.dtype)
@@ -327,6 +349,15 @@ class HFRunner:
         self.ensure(hi, length)
         self.hist[torch.arange(hi, device=self.device), pos] = tok
         return self._last(self.hist[:hi, :length], pos)
+
+    def score(self, tokens: list[list[int]]) -> list[torch.Tensor]:
+        """Teacher-forced log-probs of whole sequences, each `[len - 1]` (as LeanRunner.score); right padding
+        needs no mask under causal attention."""
+        ids = torch.zeros(len(tokens), max(map(len, tokens)), dtype=torch.long, device=self.device)
+        for b, t in enumerate(tokens):
+            ids[b, : len(t)] = torch.tensor(t, device=self.device)
+        logp = torch.log_softmax(self.model(input_ids=ids).logits.float(), -1)
+        return [logp[b, : len(t) - 1].gather(-1, ids[b, 1: len(t), None])[:, 0] for b, t in enumerate(tokens)]
 
     def _last(self, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         # right-padded rows need no mask: causal attention never looks past a row's last real token

@@ -11,7 +11,7 @@ import asyncio
 
 import torch
 
-from thinkrl.rollout.base import EngineCaps, InferenceEngine, register_engine
+from thinkrl.rollout.base import EngineCaps, InferenceEngine, check_sequences, register_engine
 from thinkrl.rollout.weights import tensors_of
 from thinkrl.types import Generation, SamplingParams
 
@@ -21,7 +21,7 @@ _DEFAULT = SamplingParams()  # one object: calls without params batch together
 @register_engine("hf")
 class HFEngine(InferenceEngine):
     caps = EngineCaps(in_process=True, pause_modes=("in_place",), transports=("memory", "disk"),
-                      shares_trainer_weights=True)
+                      shares_trainer_weights=True, score=True)
 
     def __init__(self, model, tokenizer, version: int = 0, max_batch: int = 512, pause_mode: str = "auto"):
         super().__init__(version, pause_mode)
@@ -101,6 +101,31 @@ class HFEngine(InferenceEngine):
             gens.append(Generation(tokens=toks, logprobs=logp[i, :end].tolist(), versions=[self.version] * end,
                                    finish=finish, top_logprobs=top[i][:end] if top is not None else None))
         return gens
+
+    @torch.inference_mode()
+    def score(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Teacher-forced log-probs (InferenceEngine.score): the module's forward over the right-padded batch,
+        in eval mode (chunks of at most max_batch sequences)."""
+        model = self.model
+        cfg = model.config
+        seqs = check_sequences(sequences, cfg.vocab_size, getattr(cfg, "max_position_embeddings", None) or 1 << 30)
+        device, was_training = next(model.parameters()).device, model.training
+        model.eval()
+        out = []
+        try:
+            for i in range(0, len(seqs), self.max_batch):
+                chunk = seqs[i: i + self.max_batch]
+                ids = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long)
+                att = torch.zeros_like(ids)
+                for b, s in enumerate(chunk):
+                    ids[b, : len(s)], att[b, : len(s)] = torch.tensor(s), 1
+                logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=att.to(device)).logits.float(), -1)
+                for b, s in enumerate(chunk):
+                    lp = logp[b, : len(s) - 1].gather(-1, ids[b, 1: len(s), None].to(device))[:, 0]
+                    out.append([0.0] + lp.tolist())
+        finally:
+            model.train(was_training)
+        return out
 
     # ------------------------------------------------------------------ async API
     async def generate(self, input_ids: list[int], params: SamplingParams | None = None,

@@ -2,7 +2,7 @@
 lean forward does not cover) with its slot KV cache, the per-slot decode state (kvcache.SlotState), the prefix
 cache, and sampling. `prefill` and `decode` run the model and sample; both return what the engine's
 postprocess needs: the slots, their new tokens, and which of them ended (slot -> 1 for a stop token, 0 for
-the length limit)."""
+the length limit). `score` gives teacher-forced log-probs of whole sequences."""
 from __future__ import annotations
 
 import logging
@@ -132,6 +132,23 @@ class ModelRunner:
         for i, v, t in zip(rows, vals.tolist(), ids.tolist()):
             n = self.top_n[slots[i]]
             self.top[slots[i]].append(list(zip(t[:n], v[:n])))
+
+    def score(self, seqs: list[list[int]]) -> list[list[float]]:
+        """Per sequence, [0.0] + log p(seq[t] | seq[:t]) for t >= 1 (fp32 log_softmax of the raw logits), in
+        chunks of at most max_prefill_tokens padded tokens (a longer sequence alone). Slots, KV and decode state
+        are untouched."""
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        out: list[list[float]] = [[] for _ in seqs]
+        i = 0
+        while i < len(order):
+            j = i + 1
+            while j < len(order) and (j + 1 - i) * len(seqs[order[j]]) <= self.max_prefill_tokens:
+                j += 1
+            chunk = order[i:j]
+            for k, lp in zip(chunk, self.model.score([seqs[k] for k in chunk])):
+                out[k] = [0.0] + lp.tolist()
+            i = j
+        return out
 
     # ------------------------------------------------------------------ slots
     def generated(self) -> list[int]:

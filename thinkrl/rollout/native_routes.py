@@ -1,5 +1,6 @@
 """The SGLang-native routes of `thinkrl serve`, as a mixin of rollout.server.Server: /generate (text or input_ids,
-single or batch, sampling_params, return_logprob, top_logprobs_num, stream), /update_weights_from_disk,
+single or batch, sampling_params, return_logprob, top_logprobs_num, stream; logprob_start_len >= 0 adds the
+prompt's log-probs as SGLang's meta_info.input_token_logprobs, and max_new_tokens 0 then only scores the prompt), /update_weights_from_disk,
 /pause_generation, /continue_generation, /flush_cache, /health, /get_model_info, /get_server_info,
 /get_weight_version, in SGLang's JSON shapes (`meta_info` with `output_token_logprobs` as [logprob, token id,
 text], `output_top_logprobs`, `finish_reason` {type, matched | length}), plus `meta_info.output_token_versions`
@@ -27,7 +28,7 @@ SERVER_PAUSE_MODES = {"abort": "abort", "retract": "retract", "in_place": "in_pl
 
 class NativeRoutes:
     """Needs from the class it is mixed into: engine, tokenizer, model, model_dir, served_name, max_len, queued,
-    max_queue, paused, counters, sampling(), run(), on_engine(), text_of()."""
+    max_queue, paused, counters, sampling(), run(), score(), on_engine(), text_of()."""
 
     async def _generate(self, req: Call):
         body = req.json()
@@ -62,11 +63,15 @@ class NativeRoutes:
             raise APIError(400, "sampling_params.stop_token_ids: expected a list of ints")
         want_lp = get_field(body, "return_logprob", "bool", False)
         top_n = get_field(body, "top_logprobs_num", "int", 0, lo=0, hi=MAX_TOP_LOGPROBS) if want_lp else 0
+        start = get_field(body, "logprob_start_len", "int", -1, lo=-1, hi=INT64[1]) if want_lp else -1
+        if stream and start >= 0:
+            raise APIError(400, "logprob_start_len: the prompt's log-probs are not streamed; use stream=false")
         params = self.sampling(prompts, get_field(sp, "max_new_tokens", "int", 128, where=w),
                                get_field(sp, "temperature", "float", 1.0, lo=0, where=w),
                                get_field(sp, "top_p", "float", 1.0, hi=1, where=w),
                                get_field(sp, "top_k", "int", 0, lo=-1, where=w),
-                               get_str_list(sp, "stop", w), stop_ids, seed, "sampling_params.max_new_tokens", top_n)
+                               get_str_list(sp, "stop", w), stop_ids, seed, "sampling_params.max_new_tokens", top_n,
+                               score_only=start >= 0)
         with_text = get_field(body, "return_text_in_logprobs", "bool", False)
         rids = body.get("rid")
         rids = rids if isinstance(rids, list) else [rids] if rids else [uuid.uuid4().hex for _ in prompts]
@@ -74,12 +79,16 @@ class NativeRoutes:
             raise APIError(400, "rid: expected a string, or one string per prompt")
         trim = not get_field(sp, "no_stop_trim", "bool", False, where=w)
         t0 = time.perf_counter()
+        scores = await self.score(prompts) if start >= 0 else [None] * len(prompts)
         results = await self.run(prompts, params, n)
         out = []
-        for prompt, rid, gens in zip(prompts, rids, results):
+        for prompt, rid, gens, lps in zip(prompts, rids, results, scores):
             for j, g in enumerate(gens):
-                out.append(self._native_item(g, params, prompt, rid if n == 1 else f"{rid}_{j}", want_lp, with_text,
-                                             time.perf_counter() - t0, trim))
+                item = self._native_item(g, params, prompt, rid if n == 1 else f"{rid}_{j}", want_lp, with_text,
+                                         time.perf_counter() - t0, trim)
+                if lps is not None:
+                    item["meta_info"]["input_token_logprobs"] = self._input_logprobs(prompt, lps, start, with_text)
+                out.append(item)
         if stream:  # SGLang's stream: each item's output so far, then [DONE] (here: each item once, when done)
             return StreamingResponse(sse(out), media_type="text/event-stream")
         return out if (batch or n > 1) else out[0]
@@ -99,6 +108,14 @@ class NativeRoutes:
                 meta["output_top_logprobs"] = [[[float(lp), int(t), piece(t)] for t, lp in alts]
                                                for alts in (g.top_logprobs or [])]
         return {"text": text, "output_ids": list(g.tokens), "meta_info": meta}
+
+    def _input_logprobs(self, prompt: list[int], lps: list[float], start: int, with_text: bool) -> list:
+        """SGLang's meta_info.input_token_logprobs: [logprob, token id, text or None] for prompt[start:] (start
+        clamped to the last token), the first with logprob None, as SGLang pads it."""
+        start = min(start, len(prompt) - 1)
+        piece = (lambda t: self.tokenizer.decode([t])) if with_text else (lambda t: None)
+        return [[None if i == start else float(lps[i]), int(prompt[i]), piece(prompt[i])]
+                for i in range(start, len(prompt))]
 
     async def _update_weights(self, req: Call):
         body = req.json()

@@ -1,12 +1,14 @@
 """The OpenAI-compatible routes of `thinkrl serve` (/v1/models, /v1/completions, /v1/chat/completions), as a mixin
 of rollout.server.Server, in the shapes vLLM answers: log-probs with top-N alternatives (`logprobs=N` in
 completions: per token a dict of the N most likely plus the sampled token; `logprobs=true, top_logprobs=N` in
-chat: `content[i].top_logprobs`), token ids on request (`return_token_ids`, vLLM's extension), each choice's
-`token_versions` (thinkrl's), and `stream=true`: server-sent events in OpenAI's chunk shapes, then
-`data: [DONE]` (`stream_options.include_usage`: a last chunk with the usage). Chunks follow the engine's
-`generate_stream`: the embedded engine hands over every token as it is sampled (text that could still become a
-stop string is held back until it cannot); other engines give each sample when it is done. An engine error
-after the first chunk is a last `data: {"error": ...}` event."""
+chat: `content[i].top_logprobs`), the prompt's log-probs in completions as vLLM gives them (`prompt_logprobs=0`:
+each choice's `prompt_logprobs`, None then {token id: {logprob, rank (None here), decoded_token}} per token;
+`echo=true` with `max_tokens=0`: the prompt as the text and its log-probs; no alternatives on the prompt side),
+token ids on request (`return_token_ids`, vLLM's extension), each choice's `token_versions` (thinkrl's), and
+`stream=true`: server-sent events in OpenAI's chunk shapes, then `data: [DONE]` (`stream_options.include_usage`:
+a last chunk with the usage). Chunks follow the engine's `generate_stream`: the embedded engine hands over every
+token as it is sampled (text that could still become a stop string is held back until it cannot); other engines
+give each sample when it is done. An engine error after the first chunk is a last `data: {"error": ...}` event."""
 from __future__ import annotations
 
 import json
@@ -66,7 +68,7 @@ class _TextStream:
 
 
 class OpenAIRoutes:
-    """Needs from the class it is mixed into: tokenizer, served_name, model_dir, max_len, sampling(), run(),
+    """Needs from the class it is mixed into: tokenizer, served_name, model_dir, max_len, sampling(), run(), score(),
     text_of()."""
 
     def _models(self, req):
@@ -74,7 +76,8 @@ class OpenAIRoutes:
                                             "owned_by": "thinkrl", "root": self.model_dir or self.served_name,
                                             "max_model_len": self.max_len}]}
 
-    def _openai_params(self, body: dict, prompts, max_new: int | None, field: str, top_n: int):
+    def _openai_params(self, body: dict, prompts, max_new: int | None, field: str, top_n: int,
+                       score_only: bool = False):
         check_neutral(body)
         n = get_field(body, "n", "int", 1, lo=1, hi=1024)
         if body.get("best_of") not in (None, n):
@@ -85,7 +88,7 @@ class OpenAIRoutes:
         params = self.sampling(prompts, max_new, get_field(body, "temperature", "float", 1.0, lo=0),
                                get_field(body, "top_p", "float", 1.0, hi=1), get_field(body, "top_k", "int", 0, lo=-1),
                                get_str_list(body, "stop"), stop_ids, get_field(body, "seed", "int", None), field,
-                               top_n)
+                               top_n, score_only)
         return params, n
 
     @staticmethod
@@ -121,6 +124,13 @@ class OpenAIRoutes:
         return {"tokens": toks, "token_logprobs": [float(x) for x in g.logprobs[k]], "top_logprobs": top,
                 "text_offset": offsets}
 
+    def _echo_logprobs(self, prompt: list[int], scored: list[float], as_ids: bool) -> dict:
+        """Legacy-completions logprobs of an echoed prompt, as vLLM gives them: the first token's are None."""
+        toks = [self._token_str(t, as_ids) for t in prompt]
+        offsets = [sum(len(x) for x in toks[:i]) for i in range(len(toks))]
+        return {"tokens": toks, "token_logprobs": [None] + [float(v) for v in scored[1:]],
+                "top_logprobs": [None] + [{s: float(v)} for s, v in zip(toks[1:], scored[1:])], "text_offset": offsets}
+
     async def _completions(self, req):
         body = req.json()
         if not isinstance(body, dict):
@@ -137,8 +147,21 @@ class OpenAIRoutes:
             prompts, _ = get_id_lists(prompt, "prompt")
         lp = get_field(body, "logprobs", "int", None, lo=0, hi=20)
         stream, usage = self._stream_options(body)
-        params, n = self._openai_params(body, prompts, get_field(body, "max_tokens", "int", 16), "max_tokens",
-                                        lp or 0)
+        echo = get_field(body, "echo", "bool", False)
+        plp = get_field(body, "prompt_logprobs", "int", None, lo=0, hi=20)
+        if plp is None and echo:  # vLLM: echo scores the prompt with `logprobs` alternatives
+            plp = lp
+        max_tokens = get_field(body, "max_tokens", "int", 16)
+        if plp or (echo and lp):
+            raise APIError(400, "prompt_logprobs: only 0 is supported (each prompt token's own log-prob, no "
+                                "alternatives)")
+        if (echo or plp is not None) and stream:
+            raise APIError(400, "prompt_logprobs / echo: not supported with stream=true")
+        if echo and max_tokens != 0:
+            raise APIError(400, "echo: supported with max_tokens=0 (scoring the prompt, as vLLM's echo without "
+                                "generation)")
+        params, n = self._openai_params(body, prompts, max_tokens, "max_tokens", lp or 0,
+                                        score_only=echo or plp is not None)
         as_ids = get_field(body, "return_tokens_as_token_ids", "bool", False)
         skip = get_field(body, "skip_special_tokens", "bool", True)
         trim = not get_field(body, "include_stop_str_in_output", "bool", False)
@@ -167,15 +190,24 @@ class OpenAIRoutes:
             offsets = [0] * (len(prompts) * n)
             chunks = self._chunks(events, prompts, params, n, skip, trim, piece, head if usage else None)
             return StreamingResponse(sse(chunks), media_type="text/event-stream")
+        scores = await self.score(prompts) if (echo or plp is not None) else [None] * len(prompts)
         results = await self.run(prompts, params, n)
         choices = []
-        for i, (prompt_ids, gens) in enumerate(zip(prompts, results)):
+        for i, (prompt_ids, gens, scored) in enumerate(zip(prompts, results, scores)):
             for j, g in enumerate(gens):
                 text = self.text_of(g, params, skip, trim)[0]
                 choice = {"index": i * n + j, "text": text, "logprobs": None, "finish_reason": g.finish,
                           "token_versions": list(g.versions)}
                 if lp is not None:
                     choice["logprobs"] = self._completion_logprobs(g, slice(None), as_ids)
+                if plp is not None:  # vLLM's shape: None for the first token, then {id: {logprob, rank, token}}
+                    choice["prompt_logprobs"] = [None] + [
+                        {str(t): {"logprob": float(v), "rank": None, "decoded_token": self._token_str(t, as_ids)}}
+                        for t, v in zip(prompt_ids[1:], scored[1:])]
+                if echo:  # the prompt is the text (max_tokens is 0), its log-probs the legacy logprobs
+                    choice["text"] = self.tokenizer.decode(prompt_ids, skip_special_tokens=skip)
+                    if lp is not None:
+                        choice["logprobs"] = self._echo_logprobs(prompt_ids, scored, as_ids)
                 if with_ids:
                     choice.update(token_ids=list(g.tokens), prompt_token_ids=list(prompt_ids))
                 choices.append(choice)
@@ -247,6 +279,8 @@ class OpenAIRoutes:
             raise APIError(400, f"messages: the chat template failed: {e}") from None
         if not ids:
             raise APIError(400, "messages: the chat template gave an empty prompt")
+        if get_field(body, "echo", "bool", False) or body.get("prompt_logprobs") is not None:
+            raise APIError(400, "echo / prompt_logprobs: not supported in chat; score a prompt with /v1/completions")
         want_lp = get_field(body, "logprobs", "bool", False)
         top_n = get_field(body, "top_logprobs", "int", 0, lo=0, hi=20)
         if top_n and not want_lp:

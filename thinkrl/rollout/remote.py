@@ -13,6 +13,9 @@
 - Partial rollouts: a sample that ends with finish "abort" (a server paused with mode=abort for a weight update)
   is resumed: prompt + tokens so far are sent again with the rest of the token budget, and the parts are joined
   (tokens, log-probs, versions).
+- Scoring: score(sequences) gives each token's log-prob on the servers' weights (a remote teacher): SGLang's
+  prompt log-probs (/generate, max_new_tokens 0, logprob_start_len 0) or vLLM's (/v1/completions, echo,
+  max_tokens 0, prompt_logprobs 0), with the same retries and failover.
 - Versions: each token carries the server-reported version (thinkrl servers report it per token, SGLang per
   response as meta_info.weight_version), else the client's version when the response arrived.
 - load_weights(path, version): pause() is /pause_generation {mode} on every live server, update_weights()
@@ -114,7 +117,7 @@ class _LoopState:  # asyncio objects are bound to one event loop: one of these p
 class RemoteEngine(InferenceEngine):
     # abort first: SGLang cannot flush its cache for a weight load while in_place requests hold it
     caps = EngineCaps(in_process=False, pause_modes=("abort", "in_place", "retract"), transports=("disk",),
-                      mid_sequence_update=True)
+                      mid_sequence_update=True, score=True)
 
     def __init__(self, servers: list[str], api: str = "sglang", max_concurrency: int = 64, *, tokenizer=None,
                  version: int = 0, api_key: str | None = None, request_timeout: float = 3600.0,
@@ -230,6 +233,10 @@ class RemoteEngine(InferenceEngine):
 
     async def _request(self, prompt: list[int], params: SamplingParams, n: int, key: str) -> list[Generation]:
         """n generations for one prompt from one server, with retries and failover."""
+        return await self._retrying(key, n, "generate", lambda c, s: self._call(c, s, prompt, params, n))
+
+    async def _retrying(self, key: str, n: int, what: str, call):
+        """`call(client, server)` (n sequences of load) on one server, with retries and failover."""
         st = self._state()
         st.active += 1
         try:
@@ -242,7 +249,7 @@ class RemoteEngine(InferenceEngine):
                 try:
                     if self._weights is not None and s.version != self.version:
                         await self._catch_up(st.client, s)
-                    return await asyncio.wait_for(self._call(st.client, s, prompt, params, n), self.request_timeout)
+                    return await asyncio.wait_for(call(st.client, s), self.request_timeout)
                 except DOWN as e:
                     s.dead_until, last = time.monotonic() + self.dead_cooldown, e
                     s.version = -1  # it may come back restarted with other weights: resend ours first
@@ -263,10 +270,10 @@ class RemoteEngine(InferenceEngine):
                 if attempt < self.max_retries:
                     await asyncio.sleep(min(self.retry_backoff * 2 ** attempt, 10.0))
             if isinstance(last, DOWN) and all(o.dead_until > time.monotonic() for o in self.servers):
-                raise RemoteError(f"generate failed after {self.max_retries + 1} attempts: no server reachable "
+                raise RemoteError(f"{what} failed after {self.max_retries + 1} attempts: no server reachable "
                                   f"({', '.join(o.url for o in self.servers)}); last error: "
                                   f"{type(last).__name__}: {last}")
-            raise RemoteError(f"generate failed after {self.max_retries + 1} attempts: {type(last).__name__}: {last}")
+            raise RemoteError(f"{what} failed after {self.max_retries + 1} attempts: {type(last).__name__}: {last}")
         finally:
             st.active -= 1
             if st.active == 0:  # no request in flight on this loop: close idle connections with it
@@ -305,6 +312,56 @@ class RemoteEngine(InferenceEngine):
         if len(gens) != n:
             raise RemoteError(f"{s.url}: asked for {n} samples, got {len(gens)}")
         return gens
+
+    # ------------------------------------------------------------------------------------------ scoring
+    def score(self, sequences: list[list[int]]) -> list[list[float]]:
+        """Teacher-forced log-probs (InferenceEngine.score) from the servers, in requests of at most
+        max_concurrency sequences spread over them (retries and failover as generate). SGLang: /generate with
+        max_new_tokens 0, logprob_start_len 0 (meta_info.input_token_logprobs); openai: /v1/completions with
+        echo, max_tokens 0 and prompt_logprobs 0, as vLLM scores a prompt (choices[i].prompt_logprobs)."""
+        seqs = [[int(t) for t in s] for s in sequences]
+        if not all(seqs):
+            raise ValueError("score: every sequence needs at least one token")
+        k = self.servers[0].limit
+        parts = [seqs[i: i + k] for i in range(0, len(seqs), k)]
+
+        async def go():
+            async def part(p):
+                return await self._retrying(uuid.uuid4().hex, len(p), "score",
+                                            lambda c, s: self._score_call(c, s, p))
+            return [lp for res in await asyncio.gather(*[part(p) for p in parts]) for lp in res]
+
+        return run_sync(go) if seqs else []
+
+    async def _score_call(self, client: httpx.AsyncClient, s: _Server, seqs: list[list[int]]) -> list[list[float]]:
+        if self.api == "sglang":
+            path, body = "/generate", {"input_ids": seqs, "sampling_params": {"max_new_tokens": 0},
+                                       "return_logprob": True, "logprob_start_len": 0}
+        else:
+            if s.model is None:
+                s.model = self.model_name or await self._model_of(client, s)
+            path, body = "/v1/completions", {"model": s.model, "prompt": seqs, "max_tokens": 0, "echo": True,
+                                             "logprobs": 0, "prompt_logprobs": 0}
+        r = self._check(s, path, await client.post(s.url + path, json=body))
+        try:
+            items = _json(r)
+            if self.api == "sglang":
+                rows = [[(e[1], e[0]) for e in it["meta_info"]["input_token_logprobs"]]
+                        for it in ([items] if isinstance(items, dict) else items)]
+            else:  # prompt_logprobs[t]: {token id: {logprob, ...}}, the prompt's token among them
+                choices = sorted(items["choices"], key=lambda c: c.get("index", 0))
+                rows = [[(t, None if d is None else d[str(t)]["logprob"]) for t, d in zip(q, c["prompt_logprobs"])]
+                        for q, c in zip(seqs, choices)]
+            out = []
+            for q, row in zip(seqs, rows):
+                if len(row) != len(q) or any(int(t) != x for (t, _), x in zip(row, q)):
+                    raise ValueError("the scored tokens are not the ones sent")
+                out.append([0.0] + [float(lp) for _, lp in row[1:]])
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            raise RemoteError(f"{s.url}{path}: malformed scoring answer ({type(e).__name__}: {e})") from None
+        if len(out) != len(seqs):
+            raise RemoteError(f"{s.url}{path}: scored {len(out)} of {len(seqs)} sequences")
+        return out
 
     def _check(self, s: _Server, path: str, r: httpx.Response) -> httpx.Response:
         if r.status_code == 200:

@@ -13,10 +13,10 @@ deeply nested JSON 400, body over `max_body` 413, more than `max_queue` requests
 engine exception a 500, and the server stays up. With `api_key` every route but /health* (SGLang exempts those
 too, for load-balancer probes) answers 401 without `Authorization: Bearer KEY`. GET /openapi.json lists the routes.
 Native API: /generate (text or input_ids, single or batch, sampling_params, return_logprob, top_logprobs_num,
-stream), /update_weights_from_disk, /pause_generation, /continue_generation, /flush_cache, /health,
+logprob_start_len: the prompt's log-probs, max_new_tokens 0: scoring only, stream), /update_weights_from_disk, /pause_generation, /continue_generation, /flush_cache, /health,
 /health_generate, /get_model_info, /get_server_info, /get_weight_version.
 (native_routes.py). OpenAI: /v1/models, /v1/completions, /v1/chat/completions (openai_routes.py: streaming,
-top-N log-probs).
+top-N log-probs, vLLM's prompt_logprobs and echo for the prompt's log-probs).
 Each response's meta_info also carries `output_token_versions` (the policy version of every token), a thinkrl extension.
 """
 from __future__ import annotations
@@ -258,8 +258,9 @@ class Server(NativeRoutes, OpenAIRoutes):
 
     def sampling(self, prompts: list[list[int]], max_new: int | None, temperature: float, top_p: float, top_k: int,
                  stop: list[str], stop_ids: list[int], seed: int | None, field: str,
-                 top_logprobs: int = 0) -> SamplingParams:
-        """Validated SamplingParams; max_new None means 'up to the context length'."""
+                 top_logprobs: int = 0, score_only: bool = False) -> SamplingParams:
+        """Validated SamplingParams; max_new None means 'up to the context length'; 0 is allowed with
+        `score_only` (a request that scores its prompt and generates nothing)."""
         longest = max(len(p) for p in prompts)
         for p in prompts:
             bad = next((t for t in p if not 0 <= t < self.vocab), None)
@@ -267,7 +268,7 @@ class Server(NativeRoutes, OpenAIRoutes):
                 raise APIError(400, f"token id {bad} out of range [0, {self.vocab})")
         if max_new is None:
             max_new = self.max_len - longest
-        if max_new < 1 or longest + max_new > self.max_len:
+        if max_new < (0 if score_only else 1) or longest + max_new > self.max_len:
             raise APIError(400, f"{field}={max_new}: prompt ({longest} tokens) + {max_new} new tokens exceeds the "
                                 f"model's context length ({self.max_len})")
         if top_p <= 0:
@@ -283,8 +284,10 @@ class Server(NativeRoutes, OpenAIRoutes):
                               top_logprobs=top_logprobs)
 
     async def run(self, prompts: list[list[int]], params: SamplingParams, n: int) -> list[list[Generation]]:
-        """n generations per prompt from the engine; beyond max_queue a 503 (with Retry-After), engine errors a
-        400 (ValueError) or 500."""
+        """n generations per prompt from the engine (max_new_tokens 0: n empty ones); beyond max_queue a 503
+        (with Retry-After), engine errors a 400 (ValueError) or 500."""
+        if params.max_new_tokens == 0:
+            return [[Generation([], [], [], "length") for _ in range(n)] for _ in prompts]
         self._admit(len(prompts))
         try:
             futs = [asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.engine.generate(p, params, n),
@@ -293,6 +296,23 @@ class Server(NativeRoutes, OpenAIRoutes):
         except ValueError as e:
             raise APIError(400, str(e)) from None
         except Exception as e:  # (cancellation is a BaseException: it passes through)
+            log.exception("thinkrl serve: engine error")
+            raise APIError(500, f"engine error: {type(e).__name__}: {e}", "internal_error") from None
+        finally:
+            self.queued -= len(prompts)
+
+    async def score(self, prompts: list[list[int]]) -> list[list[float]]:
+        """Teacher-forced log-probs of the prompts (engine.score: [0.0, log p(p[1] | p[:1]), ...]), on the engine
+        loop (serialised with an in-loop engine's generation); admission and errors as run(); a 400 when the
+        engine cannot score (caps.score)."""
+        if not self.engine.caps.score:
+            raise APIError(400, f"prompt log-probs: the {self.engine.name} engine cannot score prompts")
+        self._admit(len(prompts))
+        try:
+            return await self.on_engine(self.engine.score, prompts)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        except Exception as e:
             log.exception("thinkrl serve: engine error")
             raise APIError(500, f"engine error: {type(e).__name__}: {e}", "internal_error") from None
         finally:
