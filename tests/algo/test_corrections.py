@@ -182,3 +182,23 @@ def test_refused_combinations():
     with pytest.raises(C.ConfigError, match="algo.mis_high"):
         AlgoConfig(mis_high=0.9).validate()
     AlgoConfig(loss="sapo", rollout_correction="mis+tis_token").validate()
+
+
+def test_defaults_are_the_peers_values_hand_computed():
+    """The AlgoConfig defaults (verl's C = 2 and geometric MIS band [0.999, 1.001], IcePop's [0.5, 5], SAPO's
+    tau 1.0 / 1.05) on hand-picked log-ratios; the band 0.99 / 1.01 used before would keep sequences 1 and 2."""
+    # geometric means: seq 0 .0005 (1.0005, kept) | seq 1 .002 (1.002 > 1.001) | seq 2 -.0015 (.9985 < .999)
+    # | seq 3 (.003 - .002) / 2 = .0005 (kept: one token outside the band, the mean inside)
+    log_r = [0.0005, 0.002, -0.0015, 0.003, -0.002]
+    w, m = correct("mis", make(log_r, [0, 1, 2, 3, 3]))
+    assert w.tolist() == [1, 0, 0, 1, 1] and m["is/mis_masked_frac"] == pytest.approx(2 / 4)
+    w, _ = correct("mis", make(log_r, [0, 1, 2, 3, 3]), mis_low=0.99, mis_high=1.01)
+    assert w.tolist() == [1, 1, 1, 1, 1]
+    w, m = correct("tis_token", make([1.0, math.log(1.5)], [0, 0]))  # e = 2.718 -> 2; 1.5 stays
+    assert torch.allclose(w, torch.tensor([2.0, 1.5], dtype=D)) and m["is/tis_clip_frac"] == pytest.approx(0.5)
+    w, _ = correct("icepop", make([math.log(x) for x in (0.49, 0.51, 4.9, 5.1)], [0, 0, 0, 0]))
+    assert torch.allclose(w, torch.tensor([0.0, 0.51, 4.9, 0.0], dtype=D))
+    # sapo at r = 1.5: A = +1: -sigmoid(0.5) * 4 / 1.0 = -2.489837; A = -1: +sigmoid(0.525) * 4 / 1.05 = 2.393585
+    inp = make([0.0, 0.0], [0, 1], adv=[1.0, -1.0], ratios=[1.5, 1.5])
+    loss, _ = get_loss("sapo")(inp, AlgoConfig(loss="sapo"))
+    assert loss.item() == pytest.approx((-2.489837 + 2.393585) / 2, abs=1e-6)

@@ -48,8 +48,10 @@ def test_preset_specifics():
     assert lr1.dual_clip > 1 and lr1.entropy_coef == 0 and lr1.length_reward == "cosine"
     cispo = load(Path(PRESETS[0]).with_name("cispo.yaml")).algo
     assert (cispo.loss, cispo.loss_agg, 1.0 - cispo.clip_low) == ("cispo", "token-mean", 0.0)  # no lower bound
+    assert 1.0 + cispo.clip_high == 5.0  # the weight's cap: TRL's epsilon_high for cispo, slime's 1 + 4
     mt = load(Path(PRESETS[0]).with_name("mis_tis.yaml")).algo
     assert (mt.rollout_correction, mt.mis_stat, mt.tis_cap) == ("mis+tis_token", "geometric", 2.0)
+    assert (mt.mis_low, mt.mis_high) == (0.999, 1.001)  # verl's decoupled_geo_rs_token_tis
 
 
 @pytest.mark.parametrize("field,value", [("rollout_correction", "seq"), ("mis_stat", "mean"), ("behav_weight_cap", 0.5), ("length_reward", "x"),

@@ -15,6 +15,8 @@ class AlgoConfig:
     advantage: str = "grpo"  # grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline | gae | ppo_critic_free
     loss: str = "ppo"  # ppo | decoupled_ppo | gspo | cispo | sapo (registry: thinkrl.algo.losses)
     lr: float = 1e-3
+    # PPO's epsilon 0.2 on both sides (verl's clip_ratio_low/high, TRL's epsilon); cispo uses them as the weight's
+    # bounds [1 - clip_low, 1 + clip_high] (configs/algo/cispo.yaml sets CISPO's own)
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip: float = 0.0  # 0: off; else the bound c (> 1) for negative advantages
@@ -43,14 +45,22 @@ class AlgoConfig:
     # engine vs trainer log-probs (registry: thinkrl.algo.corrections): none | tis_token | tis_sequence | mis |
     # icepop | mis+tis_token | mis+tis_sequence (the combinations are declared there, one mask times one weight)
     rollout_correction: str = "none"
-    tis_cap: float = 2.0  # tis_*: truncation C of the IS weight min(w, C)
+    # tis_*: truncation C of the IS weight min(w, C), token and sequence alike: verl's rollout_is_threshold and
+    # slime's --tis-clip default, Yao et al.'s C = 2 (TRL's vllm_importance_sampling_clip_max: 3.0)
+    tis_cap: float = 2.0
     mis_stat: str = "geometric"  # mis: geometric (mean_t log r per sequence) | sum (sum_t log r)
-    mis_low: float = 0.99  # mis: a sequence is kept when exp(statistic) is in [mis_low, mis_high]
-    mis_high: float = 1.01
-    icepop_low: float = 0.5  # icepop: tokens whose ratio leaves [icepop_low, icepop_high] are dropped
+    # mis: a sequence is kept when exp(statistic) is in [mis_low, mis_high]; the default is verl's geometric band
+    # (seq_mean_k1, "0.999_1.001" in its Geo-RS presets); with mis_stat=sum verl's Seq-MIS band is [0.5, 2.0]
+    mis_low: float = 0.999
+    mis_high: float = 1.001
+    # icepop: tokens whose ratio leaves [icepop_low, icepop_high] are dropped; the IcePop paper's [0.5, 5]
+    # (Ring-1T; AReaL's token-mask upper bound is 5.0 too)
+    icepop_low: float = 0.5
     icepop_high: float = 5.0
-    behav_weight_cap: float = 0.0  # decoupled_ppo: drop tokens whose behaviour weight > cap (0: no cap)
-    # --- sapo: temperatures of the soft gate for positive / negative advantages (tau_neg >= tau_pos)
+    # decoupled_ppo: drop tokens whose behaviour weight > cap; 0: no cap, AReaL's default (rejection_sampling=None)
+    behav_weight_cap: float = 0.0
+    # --- sapo: temperatures of the soft gate for positive / negative advantages (tau_neg >= tau_pos); the SAPO
+    # paper's 1.0 / 1.05, also verl's (tau_pos / tau_neg), TRL's (sapo_temperature_*) and AReaL's defaults
     sapo_tau_pos: float = 1.0
     sapo_tau_neg: float = 1.05
     # --- reward shaping (thinkrl.algo.shaping)

@@ -16,6 +16,11 @@ With log r_t = old_logp_t - behav_logp_t on loss tokens:
     mis+tis_token     the product of mis and tis_token (the two declared combinations: one mask, one weight)
     mis+tis_sequence  the product of mis and tis_sequence
 
+Defaults (thinkrl/algo/config.py): C = 2 (verl, slime; TRL 3), the MIS band [0.999, 1.001] on the geometric mean
+(verl's Geo-RS; its sum band is [0.5, 2]), IcePop's [0.5, 5] (the Ring-1T paper). The formulas are those of verl's
+rollout_corr_helper (rollout_is token / sequence, rollout_rs seq_mean_k1 / seq_sum_k1) and TRL's
+vllm_importance_sampling_mode (token_truncate, sequence_truncate, sequence_mask: a sequence ratio of sum_t log r).
+
 Metrics are micro-batch contributions like the losses' (`reduce_metrics`): is/tis_max, is/tis_clip_frac,
 is/mis_masked_frac (sequences), is/mis_masked_token_frac, is/icepop_masked_frac (tokens).
 `mismatch_metrics` measures the gap itself, whatever correction is on (the trainer logs it every step).
@@ -66,7 +71,7 @@ def _truncated(log_w: torch.Tensor, inp: LossInput, cfg) -> tuple[torch.Tensor, 
 @register_rollout_correction("tis_token")
 def tis_token(inp: LossInput, cfg) -> tuple[torch.Tensor, dict]:
     """Truncated importance sampling per token (Yao et al. 2025, "Your efficient RL framework secretly brings
-    you off-policy RL training"; Olmo 3): w_t = min(exp(old_logp_t - behav_logp_t), C), C = algo.tis_cap."""
+    you off-policy RL training"; Olmo 3): w_t = min(exp(old_logp_t - behav_logp_t), C), C = algo.tis_cap (default 2, the blog's and verl's)."""
     return _truncated(engine_log_ratio(inp, "tis_token"), inp, cfg)
 
 
@@ -86,6 +91,7 @@ def mis(inp: LossInput, cfg) -> tuple[torch.Tensor, dict]:
 
     w_it = 1[mis_low <= exp(s_i) <= mis_high],  s_i = mean_t log r_it (algo.mis_stat=geometric: the
     geometric-mean ratio, independent of length) or sum_t log r_it (sum: the sequence likelihood ratio).
+    The default band [0.999, 1.001] is verl's for the geometric mean (a sum grows with length: verl uses [0.5, 2]).
     """
     s, counts, local = _seq_stat(engine_log_ratio(inp, "mis"), inp.mask, inp.seq_ids, cfg.mis_stat)
     keep_seq = (s >= math.log(cfg.mis_low)) & (s <= math.log(cfg.mis_high))

@@ -190,9 +190,11 @@ def cispo(inp: LossInput, cfg):
     gradient, scaled by the stop-gradient clipped ratio:
 
     l_t = -sg(clip(r_t, 1 - clip_low, 1 + clip_high)) * A_t * log pi(y_t),  r_t = pi / pi_old.
-    Written as -sg(w_t) * A_t * pi(y_t) / sg(pi(y_t)) (the same gradient, value -w_t A_t). MiniMax-M1 sets
-    no lower bound (clip_low >= 1) and tunes clip_high; the paper aggregates with token-mean. clip/frac counts
-    the tokens whose weight was clipped; cfg.rollout_correction applies as in `ppo`."""
+    Written as -sg(w_t) * A_t * pi(y_t) / sg(pi(y_t)) (the gradient of verl's and TRL's -sg(w_t) A_t log pi;
+    the value is -w_t A_t). MiniMax-M1 sets no lower bound (clip_low >= 1) and tunes clip_high without publishing
+    it; configs/algo/cispo.yaml caps the weight at 5 (TRL's and slime's recommendation). The paper aggregates
+    with token-mean. clip/frac counts the tokens whose weight was clipped; cfg.rollout_correction
+    applies as in `ppo`."""
     adv = inp.advantages.detach()
     ratio = _ratio(inp.logp, inp.old_logp)
     w = ratio.detach().clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
@@ -209,7 +211,9 @@ def sapo(inp: LossInput, cfg):
 
     l_t = -f(r_t) * A_t,  f(r) = sigmoid(tau (r - 1)) * 4 / tau,  tau = sapo_tau_pos if A_t > 0 else sapo_tau_neg.
     df/dr = 1 at r = 1 (the unclipped policy gradient on-policy) and decays smoothly away from it, faster for
-    larger tau (the paper: tau_pos 1.0 < tau_neg 1.05). No clip: clip_low / clip_high are not used and
+    larger tau (the paper: tau_pos 1.0 < tau_neg 1.05). The paper averages per sequence, then over sequences
+    (verl's sapo always aggregates with seq-mean-token-mean; TRL's takes its loss_type's): here algo.loss_agg,
+    so set it to seq-mean-token-mean for the paper's objective. No clip: clip_low / clip_high are not used and
     clip/frac is 0. cfg.rollout_correction applies as in `ppo`."""
     adv = inp.advantages.detach()
     ratio = _ratio(inp.logp, inp.old_logp)
