@@ -484,6 +484,9 @@ def combinations(cfg: Config) -> None:
             refuse(getattr(c, k) < 0, f"cluster.{k}: must be >= 0, got {getattr(c, k)}")
         refuse(c.engine_cpus + c.engine_gpus == 0 or c.trainer_cpus + c.trainer_gpus == 0,
                "cluster.engine_cpus/engine_gpus and trainer_cpus/trainer_gpus: each actor needs a resource")
+        refuse(cfg.run.device.startswith("cuda") and (c.trainer_gpus == 0 or c.engine_gpus == 0),
+               f"run.device={cfg.run.device} with cluster.backend=ray: every actor computes on a GPU it reserves; set "
+               "cluster.trainer_gpus and cluster.engine_gpus > 0, or run.device=auto (actors without a GPU on the CPU)")
 
 
 def _get(cfg: Config, key: str) -> Any:

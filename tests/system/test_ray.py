@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from thinkrl.config import ConfigError, load_config
-from thinkrl.system.ray_ import bundles
+from thinkrl.system.ray_ import TrainerActor, actor_device, bundles, put_model, to_cpu
 
 TINY = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
         "model.intermediate_size=64", "data.num_train=200", "data.num_eval=8", "rollout.n=4",
@@ -23,6 +23,53 @@ def test_bundles_and_option_errors():
                        ("engine_gpus=-1", "cluster.engine_gpus"), ("trainer_cpus=0", "each actor needs")]:
         with pytest.raises(ConfigError, match=needle):
             load_config(None, ["cluster.backend=ray", f"cluster.{kw}"])
+
+
+
+def test_actor_device_follows_run_device(monkeypatch):
+    """The Ray actors' device comes from run.device as the local trainer's does (thinkrl.device.resolve_device),
+    given the GPUs the actor reserves; checked with CUDA absent (this machine) and faked present."""
+    assert [actor_device(d, g) for d, g in [("cpu", 0), ("cpu", 1), ("auto", 0)]] == [torch.device("cpu")] * 3
+    with pytest.raises(ValueError, match="reserves no GPU"):
+        actor_device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert actor_device("auto", 1) == torch.device("cuda")  # as resolve_device("auto") locally
+    assert actor_device("cuda:3", 0.5) == torch.device("cuda")  # Ray numbers an actor's own GPUs from 0
+    assert actor_device("auto", 0) == torch.device("cpu")  # no GPU reserved: the CPU, even where CUDA is visible
+    assert actor_device("cpu", 1) == torch.device("cpu")
+
+
+def test_cuda_without_reserved_gpus_is_refused_at_load():
+    with pytest.raises(ConfigError, match="run.device=cuda with cluster.backend=ray"):
+        load_config(None, ["cluster.backend=ray", "run.device=cuda", "cluster.trainer_gpus=1"])
+    cfg = load_config(None, ["cluster.backend=ray", "run.device=cuda", "cluster.trainer_gpus=1",
+                             "cluster.engine_gpus=1"])
+    assert bundles(cfg.cluster)[0] == {"CPU": 1.0, "GPU": 1.0}
+
+
+def test_trainer_actor_trains_on_its_device_and_states_travel_on_the_cpu():
+    """TrainerActor as a plain class (no Ray): its TrainEngine's device is actor_device(run.device, gpus); the model
+    goes to Ray with CPU weights and comes back to the driver's device with the same parameter objects."""
+    from thinkrl.system.setup import build_run
+
+    cfg = load_config(None, TINY + ["run.device=cpu"])
+    model = build_run(cfg).model
+    params = list(model.parameters())
+
+    class FakeRay:
+        def put(self, m):
+            self.devices = {p.device.type for p in m.parameters()}
+            return "ref"
+
+    ray = FakeRay()
+    assert put_model(ray, model) == "ref" and ray.devices == {"cpu"}
+    assert all(a is b for a, b in zip(params, model.parameters()))
+    actor = TrainerActor(model, cfg.train, cfg.algo, None, 1, False, cfg.run.device, cfg.cluster.trainer_gpus)
+    assert actor.trainer.device == torch.device("cpu") and actor.device_name() == "cpu"
+    state = actor.state_dict()
+    assert state["version"] == actor.trainer.version
+    assert to_cpu({"a": [torch.ones(1)], "b": (torch.zeros(1), 3)})["b"][1] == 3
 
 
 @pytest.mark.slow

@@ -5,6 +5,8 @@
 - One placement group: bundle 0 for the trainer ({"CPU": trainer_cpus, "GPU": trainer_gpus}), bundles 1..N for
   the engines ({"CPU": engine_cpus, "GPU": engine_gpus} each), strategy PACK (one node if it fits) or SPREAD.
 - EngineActor: an EmbeddedEngine in an async actor (many generate calls in flight). TrainerActor: a TrainEngine.
+  Each computes on `actor_device(run.device, its cluster.*_gpus)`: auto is a GPU where the actor reserves one;
+  the model and states travel on the CPU and each actor moves its copy to its device.
 - The loop (thinkrl.system.loop.run_loop) runs in the driver unchanged: RayEngine and RayTrainer give it the
   InferenceEngine and TrainEngine interfaces over the actors; rewards are computed in the driver.
 - Weights go trainer actor -> engine actors through the object store (one ray.put, every engine loads it with
@@ -20,6 +22,7 @@ import asyncio
 
 import torch
 
+from thinkrl.device import resolve_device
 from thinkrl.rollout.base import EngineCaps, InferenceEngine, register_engine
 from thinkrl.rollout.weights import as_state_dict, is_path
 
@@ -40,13 +43,52 @@ def bundles(c) -> list[dict]:
     return [b(c.trainer_cpus, c.trainer_gpus)] + [b(c.engine_cpus, c.engine_gpus)] * c.num_engines
 
 
+def actor_device(run_device: str, gpus: float) -> torch.device:
+    """The device a Ray actor computes on: `run.device` resolved as the local trainer resolves it
+    (thinkrl.device.resolve_device), inside an actor that reserves `gpus` GPUs. Ray shows an actor only the GPUs it
+    reserved, numbered from 0, so cuda[:N] is the actor's first GPU (cuda) and needs a GPU reserved (config validation
+    refuses cuda without one); auto is cuda with a GPU reserved and the CPU (or mps) without; cpu is the CPU."""
+    if run_device.split(":")[0] == "cuda":
+        if not gpus:
+            raise ValueError(f"run.device={run_device!r}: this Ray actor reserves no GPU (cluster.*_gpus = 0)")
+        return resolve_device("cuda")
+    dev = resolve_device(run_device)
+    return torch.device("cpu") if dev.type == "cuda" and not gpus else dev
+
+
+def to_cpu(obj):
+    """Tensors in nested dicts, lists and tuples moved to the CPU (what crosses between actors and the driver, so a
+    process without the sender's GPU can load it)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def put_model(ray, model):
+    """ray.put of the model with its weights on the CPU (every actor moves its copy to its own device); the
+    driver's model goes back to its device, its parameters the same objects (the optimizer's stay valid)."""
+    device = next(model.parameters()).device
+    model.cpu()
+    try:
+        return ray.put(model)
+    finally:
+        model.to(device)
+
+
 # ============================================================================ actors (plain classes; ray.remote'd lazily)
 class EngineActor:
-    def __init__(self, model, tokenizer, version: int, threads: int, engine_kwargs: dict):
+    def __init__(self, model, tokenizer, version: int, threads: int, engine_kwargs: dict, device: str = "cpu",
+                 gpus: float = 0.0):
         from thinkrl.rollout.engine import EmbeddedEngine
 
         torch.set_num_threads(max(1, threads))
-        self.engine = EmbeddedEngine(model.eval(), tokenizer=tokenizer, version=version, **engine_kwargs)
+        self.device = actor_device(device, gpus)
+        self.engine = EmbeddedEngine(model.to(self.device).eval(), tokenizer=tokenizer, version=version,
+                                     **engine_kwargs)
 
     async def generate(self, input_ids, params, n: int = 1):
         return await self.engine.generate(input_ids, params, n)
@@ -70,13 +112,21 @@ class EngineActor:
 
 
 class TrainerActor:
-    def __init__(self, model, tcfg, acfg, state: dict | None, threads: int, autocast_bf16: bool):
+    """A TrainEngine on `actor_device(device, gpus)`: run.device and the GPUs the actor reserves
+    (cluster.trainer_gpus)."""
+
+    def __init__(self, model, tcfg, acfg, state: dict | None, threads: int, autocast_bf16: bool,
+                 device: str = "cpu", gpus: float = 0.0):
         from thinkrl.train.engine import TrainEngine
 
         torch.set_num_threads(max(1, threads))
-        self.trainer = TrainEngine(model, tcfg, acfg, autocast_bf16=autocast_bf16)
+        self.device = actor_device(device, gpus)
+        self.trainer = TrainEngine(model.to(self.device), tcfg, acfg, autocast_bf16=autocast_bf16)
         if state:
             self.trainer.load_state_dict(state)
+
+    def device_name(self) -> str:
+        return str(self.device)
 
     def logprobs(self, trajs):
         return self.trainer.logprobs(trajs)
@@ -95,7 +145,7 @@ class TrainerActor:
         return {k: v.detach().cpu() for k, v in self.trainer.export_weights().items()}
 
     def state_dict(self):
-        return self.trainer.state_dict()
+        return to_cpu(self.trainer.state_dict())
 
 
 # ============================================================================ driver-side clients
@@ -146,7 +196,7 @@ class RayTrainer:
 
     def __init__(self, actor, version: int):
         self.actor, self.version = actor, version
-        self.device = torch.device("cpu")
+        self.device = torch.device(_ray().get(actor.device_name.remote()))  # where the actor trains
 
     def logprobs(self, trajs):
         return _ray().get(self.actor.logprobs.remote(trajs))
@@ -203,13 +253,14 @@ def start_actors(cfg, model, tokenizer, trainer_state: dict | None, version: int
         return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
 
     tcpus, ecpus = max(1, int(opts.trainer_cpus)), max(1, int(opts.engine_cpus))
-    model_ref = ray.put(model)
+    model_ref = put_model(ray, model)
     trainer = ray.remote(TrainerActor).options(num_cpus=opts.trainer_cpus, num_gpus=opts.trainer_gpus,
                                                scheduling_strategy=at(0)).remote(
-        model_ref, cfg.train, cfg.algo, trainer_state, tcpus, cfg.model.autocast_bf16)
+        model_ref, cfg.train, cfg.algo, to_cpu(trainer_state), tcpus, cfg.model.autocast_bf16, cfg.run.device,
+        opts.trainer_gpus)
     engines = [ray.remote(EngineActor).options(num_cpus=opts.engine_cpus, num_gpus=opts.engine_gpus,
                                                scheduling_strategy=at(i + 1), max_concurrency=1000).remote(
-        model_ref, tokenizer, version, ecpus, {}) for i in range(opts.num_engines)]
+        model_ref, tokenizer, version, ecpus, {}, cfg.run.device, opts.engine_gpus) for i in range(opts.num_engines)]
     ray.get([trainer.state_dict.remote()] + [e.stats.remote() for e in engines], timeout=600)  # all started
     return pg, trainer, engines
 
