@@ -76,6 +76,9 @@ class TaskConfig:
     # worker) | thread (a thread pool; a hang in one C call is abandoned, not stopped) | inline (the rollout loop)
     reward_isolation: str = "auto"
     reward_workers: int = 2  # reward worker processes (process) or threads (thread)
+    # seconds per tool call of a multi-turn task (0: no limit); past it the model gets "error: timed out" and the
+    # call is counted (tools/timeouts). Synchronous tools run in daemon threads: one stuck in C code is abandoned
+    tool_timeout: float = 10.0
 
 
 @dataclass
@@ -393,6 +396,7 @@ def validate(cfg: Config) -> Config:
     need(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     need(cfg.train.max_bad_steps >= 0, "train.max_bad_steps", "must be >= 0 (0: never stop)")
     need(cfg.task.reward_timeout >= 0, "task.reward_timeout", "must be >= 0 (0: no limit)")
+    need(cfg.task.tool_timeout >= 0, "task.tool_timeout", "must be >= 0 (0: no limit)")
     from thinkrl.tasks.isolation import ISOLATION
 
     one_of("task.reward_isolation", list(ISOLATION))

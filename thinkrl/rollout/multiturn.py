@@ -21,6 +21,13 @@ the model produced up to there are kept with their log-probs). Tool outputs are 
 a tool that raises yields ``error: <ExceptionType>``. The reward sees the whole response text (model and tool
 spans, special tokens dropped).
 
+Tools run off the event loop: a synchronous tool in a daemon thread of its own (one per call), an async tool on
+the loop; either is given `tool_timeout` seconds (task.tool_timeout; None or 0: no limit). Past it the model gets
+``error: timed out after N s`` and the episode goes on. A thread cannot be killed: a pure-Python tool is
+interrupted at the timeout (`call_with_timeout`), one stuck in a C call (or a blocking wait) is abandoned and its
+daemon thread stays until the call returns. Each episode counts its `tool_calls`, `tool_errors` (raised, returned
+``error...``, or no opening tag) and `tool_timeouts`; `tool_metrics` sums them for a step (tools/*).
+
     wf = ToolWorkflow(task, tokenizer, SamplingParams(max_new_tokens=64), n=8)   # tools from task.tools
     trajs = collect(engine, wf, samples)
 """
@@ -28,16 +35,20 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import re
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from thinkrl.rollout.workflow import SingleTurnWorkflow
-from thinkrl.tasks.isolation import Scorer
+from thinkrl.tasks.isolation import RewardTimeout, Scorer, call_with_timeout
 from thinkrl.types import Generation, Sample, SamplingParams, Trajectory
 
 _MARK = "\u0001THINKRL_TOOL_SPLIT\u0001"
 _TAG = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+log = logging.getLogger(__name__)
+_warned: set[str] = set()  # tools whose timeout was logged (once each, per process)
 
 
 @dataclass
@@ -49,6 +60,7 @@ class _Episode:
     finish: str = "stop"
     calls: int = 0
     errors: int = 0
+    timeouts: int = 0
     turns: int = 0
 
     def add(self, tokens: list[int], model: bool, logprobs=None, versions=None) -> None:
@@ -63,7 +75,8 @@ class ToolWorkflow(SingleTurnWorkflow):
 
     def __init__(self, task, tokenizer, params: SamplingParams, n: int, tools: dict[str, Callable] | None = None,
                  max_turns: int | None = None, max_total_tokens: int | None = None, mode: str = "inline",
-                 result_format: str = "<result>{}</result>", max_result_chars: int = 200, scorer: Scorer | None = None):
+                 result_format: str = "<result>{}</result>", max_result_chars: int = 200, scorer: Scorer | None = None,
+                 tool_timeout: float | None = None):
         self.tools = dict(getattr(task, "tools", {}) if tools is None else tools)
         for name, fn in self.tools.items():
             if not isinstance(name, str) or not _TAG.match(name):
@@ -78,6 +91,9 @@ class ToolWorkflow(SingleTurnWorkflow):
         if "{}" not in result_format:
             raise ValueError(f"ToolWorkflow: result_format must contain '{{}}', got {result_format!r}")
         self.mode, self.result_format, self.max_result_chars = mode, result_format, max_result_chars
+        if tool_timeout is not None and not tool_timeout >= 0:
+            raise ValueError(f"ToolWorkflow: tool_timeout must be >= 0 seconds (0 or None: no limit), got {tool_timeout!r}")
+        self.tool_timeout = tool_timeout or None
         self._max_total_tokens = max_total_tokens  # None: derived from each params' max_new_tokens
         # the tools and budgets above are set first: _set_sampling (run by the base __init__) reads them
         super().__init__(task, tokenizer, params, n, scorer=scorer)
@@ -123,18 +139,23 @@ class ToolWorkflow(SingleTurnWorkflow):
         arg = body[start + len(name) + 2:] if start >= 0 else None
         return gen, (name, arg)
 
-    async def run_tool(self, name: str, arg: str | None) -> tuple[str, bool]:
-        """(result text, ok)."""
+    async def run_tool(self, name: str, arg: str | None) -> tuple[str, str]:
+        """(result text, status "ok" | "error" | "timeout"); never raises (a tool failure is information for the
+        model, not a crash). Runs off the event loop, within `tool_timeout` seconds."""
         if arg is None:
-            return f"error: no opening <{name}> tag", False
+            return f"error: no opening <{name}> tag", "error"
         try:
-            res = self.tools[name](arg)
-            if inspect.isawaitable(res):
-                res = await res
-        except Exception as e:  # a tool failure is information for the model, not a crash
-            return f"error: {type(e).__name__}", False
+            res = await asyncio.wait_for(_call_tool(self.tools[name], arg, self.tool_timeout), self.tool_timeout)
+        except (asyncio.TimeoutError, RewardTimeout):
+            if name not in _warned:
+                _warned.add(name)
+                log.warning(f"tool <{name}> timed out after {self.tool_timeout:g} s (task.tool_timeout; counted in "
+                            "tools/timeouts); a call stuck in C code keeps its thread until it returns")
+            return f"error: timed out after {self.tool_timeout:g} s", "timeout"
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - a tool calling sys.exit is a failed call too
+            return f"error: {type(e).__name__}", "error"
         res = str(res)
-        return res[: self.max_result_chars], not res.startswith("error")
+        return res[: self.max_result_chars], "error" if res.startswith("error") else "ok"
 
     def result_tokens(self, result: str) -> list[int]:
         """Token ids of the non-model span that carries a tool result."""
@@ -160,8 +181,9 @@ class ToolWorkflow(SingleTurnWorkflow):
             if call is None or gen.finish == "abort" or ep.calls >= self.max_turns:
                 break
             ep.calls += 1
-            result, ok = await self.run_tool(*call)
-            ep.errors += not ok
+            result, status = await self.run_tool(*call)
+            ep.errors += status == "error"
+            ep.timeouts += status == "timeout"
             ep.add(self.result_tokens(result), False)
             left = self.max_total_tokens - len(ep.tokens)
             if left <= 0:
@@ -182,7 +204,54 @@ class ToolWorkflow(SingleTurnWorkflow):
                 sample_id=sample.id, group_id=gid, tokens=prompt + e.tokens, loss_mask=[False] * P + e.mask,
                 logprobs=[0.0] * P + e.logprobs, versions=[-1] * P + e.versions, reward=r, finish=e.finish,
                 prompt_len=P, metrics={"text": t, "reward_status": status, "tool_calls": e.calls, "tool_errors": e.errors,
-                                       "turns": e.turns},
+                                       "tool_timeouts": e.timeouts, "turns": e.turns},
             )
             for e, t, (r, status) in zip(eps, texts, scored)
         ]
+
+
+async def _call_tool(fn: Callable, arg: str, timeout: float | None):
+    """``fn(arg)``: an async tool awaited here, a synchronous one in a daemon thread of its own (`timeout`
+    interrupts it there if it is running Python code); an awaitable it returns is awaited too."""
+    res = fn(arg) if inspect.iscoroutinefunction(fn) else await _in_thread(fn, arg, timeout)
+    if inspect.isawaitable(res):
+        res = await res
+    return res
+
+
+def _in_thread(fn: Callable, arg: str, timeout: float | None) -> asyncio.Future:
+    """A future of ``fn(arg)`` run in a new daemon thread; the thread's result is dropped if nobody waits any
+    more (timed out, cancelled, the loop closed). A daemon thread does not keep the process alive at exit."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def deliver(value, error) -> None:
+        if fut.done():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(value)
+
+    def work() -> None:
+        value = error = None
+        try:
+            value = call_with_timeout(fn, timeout, arg)
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting episode
+            error = e
+        try:
+            loop.call_soon_threadsafe(deliver, value, error)
+        except RuntimeError:  # the loop is closed: the episode is gone
+            pass
+
+    threading.Thread(target=work, name="thinkrl-tool", daemon=True).start()
+    return fut
+
+
+def tool_metrics(trajs) -> dict[str, float]:
+    """``tools/calls``, ``tools/errors`` and ``tools/timeouts`` summed over the multi-turn episodes in `trajs`
+    (their metrics from `ToolWorkflow`); {} when none is one."""
+    eps = [t.metrics for t in trajs if "tool_calls" in t.metrics]
+    if not eps:
+        return {}
+    return {f"tools/{k}": float(sum(m.get(f"tool_{k}", 0) for m in eps)) for k in ("calls", "errors", "timeouts")}

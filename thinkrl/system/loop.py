@@ -31,6 +31,7 @@ from thinkrl.algo.batch import gae_targets, group_indices, make_batch
 from thinkrl.algo.filters import DynamicSampler
 from thinkrl.data import batch_for_step
 from thinkrl.errors import RunFault
+from thinkrl.rollout.multiturn import tool_metrics
 from thinkrl.system.rollouts import Producer
 from thinkrl.system.staleness import Group, StalenessBuffer, staleness_metrics
 from thinkrl.tasks.isolation import reward_fault_metrics
@@ -154,6 +155,7 @@ def run_loop(cfg, trainer, engine, sync, workflow, train_samples, start_step: in
             if stale["staleness/max"] > eta:  # the buffer guarantees this; never train on it if it breaks
                 raise RuntimeError(f"staleness {stale['staleness/max']} > rollout.max_staleness={eta}")
             m.update(reward_fault_metrics(trajs))  # rewards that failed (scored 0): errors, timeouts
+            m.update(tool_metrics(trajs))  # multi-turn tasks: tool calls, errors, timeouts
             m.update(train_on(cfg, trainer, critic, trajs, teacher))
             t2, c2 = time.perf_counter(), time.thread_time()
             engine_fault = None

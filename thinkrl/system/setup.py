@@ -78,7 +78,8 @@ def make_workflow(cfg, run: Run, scorer=None):
     if getattr(run.task, "tools", None):
         from thinkrl.rollout.multiturn import ToolWorkflow
 
-        return ToolWorkflow(run.task, run.tokenizer, params, cfg.rollout.n, scorer=scorer)
+        return ToolWorkflow(run.task, run.tokenizer, params, cfg.rollout.n, scorer=scorer,
+                            tool_timeout=cfg.task.tool_timeout)
     return SingleTurnWorkflow(run.task, run.tokenizer, params, cfg.rollout.n, scorer=scorer)
 
 
