@@ -24,6 +24,7 @@
   vLLM (api="openai"; found when /pause_generation is a 404) needs VLLM_SERVER_DEV_MODE=1 and gets its dev
   endpoints instead: /pause?mode=..., /collective_rpc reload_weights {weights_path}, /reset_prefix_cache,
   /update_weight_version, /resume.
+Request bodies and answer parsing for both APIs are in thinkrl/rollout/wire.py.
 HTTP: httpx.AsyncClient (keep-alive pools, one per event loop; the OpenAI SDK's client too). A transport error
 (refused, reset, a connection dropped mid-answer, a timeout) counts as the server being down.
 """
@@ -48,10 +49,10 @@ import httpx
 from thinkrl.errors import RunFault
 from thinkrl.rollout.base import EngineCaps, InferenceEngine, register_engine, run_sync
 from thinkrl.rollout.weights import save_safetensors
+from thinkrl.rollout.wire import APIS, WireError, generate_request, parse_generations, parse_scores, score_request
 from thinkrl.types import Generation, SamplingParams
 
 log = logging.getLogger(__name__)
-APIS = ("sglang", "openai")
 # vLLM's /pause modes for ours: "keep" freezes in-flight requests with their KV cache (SGLang's in_place); for
 # retract the frozen requests' KV is dropped after the reload (/reset_prefix_cache?reset_running_requests=true)
 # and recomputed with the new weights on resume.
@@ -280,38 +281,19 @@ class RemoteEngine(InferenceEngine):
                 await st.client.aclose()
 
     async def _call(self, client: httpx.AsyncClient, s: _Server, prompt, params: SamplingParams, n: int) -> list[Generation]:
-        if self.api == "sglang":
-            sp = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
-                  "top_k": params.top_k if params.top_k > 0 else -1, "n": n, "stop": list(params.stop),
-                  "stop_token_ids": list(params.stop_token_ids)}
-            if params.seed is not None:
-                sp["sampling_seed"] = params.seed
-            r = self._check(s, "/generate", await client.post(
-                s.url + "/generate", json={"input_ids": prompt, "sampling_params": sp, "return_logprob": True}))
-            try:
-                items = _json(r)
-                gens = [self._parse_sglang(s, it) for it in ([items] if isinstance(items, dict) else items)]
-            except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
-                raise RemoteError(f"{s.url}/generate: malformed answer ({type(e).__name__}: {e})") from None
-        else:
-            if s.model is None:
-                s.model = self.model_name or await self._model_of(client, s)
-            body = {"model": s.model, "prompt": prompt, "max_tokens": params.max_new_tokens, "n": n,
-                    "temperature": params.temperature, "top_p": params.top_p, "stop": list(params.stop) or None,
-                    "stop_token_ids": list(params.stop_token_ids), "logprobs": 0, "return_tokens_as_token_ids": True,
-                    "return_token_ids": True, "include_stop_str_in_output": True, "skip_special_tokens": False}
-            if params.top_k > 0:
-                body["top_k"] = params.top_k
-            if params.seed is not None:
-                body["seed"] = params.seed
-            r = self._check(s, "/v1/completions", await client.post(s.url + "/v1/completions", json=body))
-            try:
-                gens = [self._parse_openai(s, c) for c in sorted(_json(r)["choices"], key=lambda c: c.get("index", 0))]
-            except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
-                raise RemoteError(f"{s.url}/v1/completions: malformed answer ({type(e).__name__}: {e})") from None
-        if len(gens) != n:
-            raise RemoteError(f"{s.url}: asked for {n} samples, got {len(gens)}")
-        return gens
+        if self.api == "openai" and s.model is None:
+            s.model = self.model_name or await self._model_of(client, s)
+        path, body = generate_request(self.api, s.model, prompt, params, n)
+        r = self._check(s, path, await client.post(s.url + path, json=body))
+        return self._parsed(s, path, "answer", lambda: parse_generations(self.api, _json(r), n, self.version))
+
+    def _parsed(self, s: _Server, path: str, what: str, parse):
+        try:
+            return parse()
+        except WireError as e:
+            raise RemoteError(f"{s.url}{path}: {e}") from None
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            raise RemoteError(f"{s.url}{path}: malformed {what} ({type(e).__name__}: {e})") from None
 
     # ------------------------------------------------------------------------------------------ scoring
     def score(self, sequences: list[list[int]]) -> list[list[float]]:
@@ -334,34 +316,11 @@ class RemoteEngine(InferenceEngine):
         return run_sync(go) if seqs else []
 
     async def _score_call(self, client: httpx.AsyncClient, s: _Server, seqs: list[list[int]]) -> list[list[float]]:
-        if self.api == "sglang":
-            path, body = "/generate", {"input_ids": seqs, "sampling_params": {"max_new_tokens": 0},
-                                       "return_logprob": True, "logprob_start_len": 0}
-        else:
-            if s.model is None:
-                s.model = self.model_name or await self._model_of(client, s)
-            path, body = "/v1/completions", {"model": s.model, "prompt": seqs, "max_tokens": 0, "echo": True,
-                                             "logprobs": 0, "prompt_logprobs": 0}
+        if self.api == "openai" and s.model is None:
+            s.model = self.model_name or await self._model_of(client, s)
+        path, body = score_request(self.api, s.model, seqs)
         r = self._check(s, path, await client.post(s.url + path, json=body))
-        try:
-            items = _json(r)
-            if self.api == "sglang":
-                rows = [[(e[1], e[0]) for e in it["meta_info"]["input_token_logprobs"]]
-                        for it in ([items] if isinstance(items, dict) else items)]
-            else:  # prompt_logprobs[t]: {token id: {logprob, ...}}, the prompt's token among them
-                choices = sorted(items["choices"], key=lambda c: c.get("index", 0))
-                rows = [[(t, None if d is None else d[str(t)]["logprob"]) for t, d in zip(q, c["prompt_logprobs"])]
-                        for q, c in zip(seqs, choices)]
-            out = []
-            for q, row in zip(seqs, rows):
-                if len(row) != len(q) or any(int(t) != x for (t, _), x in zip(row, q)):
-                    raise ValueError("the scored tokens are not the ones sent")
-                out.append([0.0] + [float(lp) for _, lp in row[1:]])
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
-            raise RemoteError(f"{s.url}{path}: malformed scoring answer ({type(e).__name__}: {e})") from None
-        if len(out) != len(seqs):
-            raise RemoteError(f"{s.url}{path}: scored {len(out)} of {len(seqs)} sequences")
-        return out
+        return self._parsed(s, path, "scoring answer", lambda: parse_scores(self.api, _json(r), seqs))
 
     def _check(self, s: _Server, path: str, r: httpx.Response) -> httpx.Response:
         if r.status_code == 200:
@@ -370,43 +329,6 @@ class RemoteEngine(InferenceEngine):
         if r.status_code >= 500 or r.status_code in (408, 429):
             raise _Retry(msg)
         raise RemoteError(msg)
-
-    def _versions(self, reported, weight_version, n: int) -> list[int]:
-        if isinstance(reported, list) and len(reported) == n:
-            return [int(v) for v in reported]
-        try:
-            return [int(weight_version)] * n
-        except (TypeError, ValueError):
-            return [self.version] * n
-
-    def _parse_sglang(self, s: _Server, item: dict) -> Generation:
-        meta = item.get("meta_info") or {}
-        lps = meta.get("output_token_logprobs")
-        if lps is None:
-            raise RemoteError(f"{s.url}/generate: no output_token_logprobs in the answer (return_logprob ignored?)")
-        tokens, logprobs = [int(e[1]) for e in lps], [float(e[0]) for e in lps]
-        fin = (meta.get("finish_reason") or {}).get("type", "abort")
-        finish = fin if fin in ("stop", "length", "abort") else "stop"
-        return Generation(tokens, logprobs, self._versions(meta.get("output_token_versions"),
-                                                           meta.get("weight_version"), len(tokens)), finish)
-
-    def _parse_openai(self, s: _Server, choice: dict) -> Generation:
-        lp = choice.get("logprobs") or {}
-        logprobs = lp.get("token_logprobs")
-        tokens = choice.get("token_ids")
-        if tokens is None:
-            try:
-                tokens = [int(t.split("token_id:", 1)[1]) for t in lp.get("tokens") or []]
-            except (IndexError, ValueError, AttributeError):
-                raise RemoteError(f"{s.url}/v1/completions: tokens are not token ids; the server ignores "
-                                  "return_tokens_as_token_ids (vLLM: start it with --return-tokens-as-token-ids)"
-                                  ) from None
-        if logprobs is None or len(logprobs) != len(tokens) or any(x is None for x in logprobs):
-            raise RemoteError(f"{s.url}/v1/completions: missing or incomplete token log-probs")
-        fin = choice.get("finish_reason")
-        finish = fin if fin in ("length", "abort") else "stop"
-        return Generation([int(t) for t in tokens], [float(x) for x in logprobs],
-                          self._versions(choice.get("token_versions"), None, len(tokens)), finish)
 
     async def _model_of(self, client: httpx.AsyncClient, s: _Server) -> str:
         r = self._check(s, "/v1/models", await client.get(s.url + "/v1/models", timeout=30))
