@@ -281,8 +281,9 @@ def _engine(kind, model, tok):
         from thinkrl.rollout.hf import HFEngine
 
         return HFEngine(model, tok, version=7)
-    engine_mod = pytest.importorskip("thinkrl.rollout.engine")
-    return engine_mod.EmbeddedEngine(model, tokenizer=tok, max_seqs=8, max_len=256, version=7)
+    from thinkrl.rollout.engine import EmbeddedEngine
+
+    return EmbeddedEngine(model, tokenizer=tok, max_seqs=8, max_len=256, version=7)
 
 
 @pytest.mark.parametrize("kind", ["hf", "embedded"])

@@ -12,15 +12,11 @@ import torch
 from thinkrl.config import Config
 from thinkrl.models.micro import build_micro_model, build_tokenizer
 from thinkrl.rollout.base import InferenceEngine
+from thinkrl.rollout.engine import EmbeddedEngine
 from thinkrl.rollout.hf import HFEngine
 from thinkrl.rollout.remote import RemoteEngine, RemoteError
 from thinkrl.rollout.server import Server
 from thinkrl.types import Generation, SamplingParams
-
-try:
-    from thinkrl.rollout.engine import EmbeddedEngine
-except ImportError:
-    EmbeddedEngine = None
 
 TOK = build_tokenizer()
 PROMPT = TOK.apply_chat_template([{"role": "user", "content": "7*6"}], add_generation_prompt=True, tokenize=True,
@@ -246,8 +242,6 @@ def test_update_weights_on_all_servers_and_catch_up(tmp_path):
 
 def test_weight_update_during_rollout_aborts_and_resumes(tmp_path):
     """Embedded engine, pause mode abort: the in-flight sample is cut, resumed, and spans two versions."""
-    if EmbeddedEngine is None:
-        pytest.skip("thinkrl.rollout.engine is not available")
     micro(seed=1).save_pretrained(tmp_path / "w")
     params = SamplingParams(max_new_tokens=50, temperature=1.0)
     with Fleet(1, engine=EmbeddedEngine) as f:

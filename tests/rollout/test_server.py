@@ -9,13 +9,9 @@ import pytest
 import torch
 
 from thinkrl.models.micro import build_micro_model, build_tokenizer
+from thinkrl.rollout.engine import EmbeddedEngine
 from thinkrl.rollout.hf import HFEngine
 from thinkrl.rollout.server import Server
-
-try:
-    from thinkrl.rollout.engine import EmbeddedEngine
-except ImportError:  # the fast engine is optional
-    EmbeddedEngine = None
 
 TOK = build_tokenizer()
 PROMPT = TOK.apply_chat_template([{"role": "user", "content": "1+2"}], add_generation_prompt=True, tokenize=True,
@@ -29,8 +25,6 @@ def micro(seed=0, hidden=32):
 
 def make_engine(kind, model):
     if kind == "embedded":
-        if EmbeddedEngine is None:
-            pytest.skip("thinkrl.rollout.engine is not available")
         return EmbeddedEngine(model, tokenizer=TOK, max_seqs=8)
     return HFEngine(model, TOK)
 
@@ -247,8 +241,6 @@ def test_update_weights_from_disk(tmp_path):
 
 def test_pause_midsequence_then_new_weights_change_versions(tmp_path):
     """Embedded engine: pause at a token boundary, swap weights, continue: one sequence, two versions."""
-    if EmbeddedEngine is None:
-        pytest.skip("thinkrl.rollout.engine is not available")
     model = micro()
     micro(seed=1).save_pretrained(tmp_path / "v1")
     engine = EmbeddedEngine(model, tokenizer=TOK, max_seqs=4)
@@ -402,8 +394,6 @@ def test_streamed_text_holds_back_stop_strings(served):
 def test_client_gone_mid_stream_frees_the_request():
     """A streaming client that disconnects after its first chunk: the server releases its queue place and the
     embedded engine drops the sequence (it does not generate the other ~480 tokens for nobody)."""
-    if EmbeddedEngine is None:
-        pytest.skip("thinkrl.rollout.engine is not available")
     model = build_micro_model(TOK, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64,
                               max_position=512, seed=0).eval()
     engine = EmbeddedEngine(model, tokenizer=TOK, max_seqs=4, stop_at_eos=False)
