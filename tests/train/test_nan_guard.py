@@ -68,7 +68,7 @@ def test_a_nan_or_inf_rl_step_changes_nothing_and_is_counted(tok, bad):
     state = eng.state_dict()
     fresh = _engine(tok)
     fresh.load_state_dict(state)
-    assert (fresh.skipped_steps, fresh.bad_in_row) == (1, 0)
+    assert (fresh.guard.skipped_steps, fresh.guard.bad_in_row) == (1, 0)
 
 
 def test_a_nan_sft_step_is_skipped(tok):

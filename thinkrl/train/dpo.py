@@ -179,4 +179,4 @@ def dpo_step(trainer, pairs: list[PairTokens], ref: list[tuple[float, float]] | 
     out = {"dpo/loss": sums["loss"], **{f"dpo/{k}": v / n for k, v in sums.items() if k != "loss"}}
     out["dpo/reward_margin"] = out.pop("dpo/margin")
     out["dpo/reward_acc"] = out.pop("dpo/acc")
-    return {**out, "grad/norm": gnorm, "lr": trainer.scheduler.get_last_lr()[0], **trainer._skip_metrics()}
+    return {**out, "grad/norm": gnorm, "lr": trainer.scheduler.get_last_lr()[0], **trainer.guard.metrics()}

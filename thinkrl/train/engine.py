@@ -269,7 +269,7 @@ class TrainEngine:
         out = self.dist.reduce_metrics(per_mb) if self.dist else reduce_metrics(per_mb)  # metrics of the last epoch
         out.update(self.dist.reduce_metrics(gap) if self.dist else reduce_metrics(gap))
         out["grad/norm"] = gnorm
-        out.update(self._skip_metrics())
+        out.update(self.guard.metrics())
         out["lr"] = self.scheduler.get_last_lr()[0]
         out["perf/train_seconds"] = time.perf_counter() - t0
         out["perf/train_tokens"] = float(sum(len(t.tokens) for t in trajs))
@@ -291,7 +291,7 @@ class TrainEngine:
         total = self.dist.sum(total) if self.dist else total
         gnorm = self._optimizer_step(total)
         self.version += 1
-        return {"loss/sft": total, "grad/norm": gnorm, "lr": self.scheduler.get_last_lr()[0], **self._skip_metrics()}
+        return {"loss/sft": total, "grad/norm": gnorm, "lr": self.scheduler.get_last_lr()[0], **self.guard.metrics()}
 
     # ------------------------------------------------------------------ the NaN guard
     def _optimizer_step(self, loss: float) -> float:
@@ -300,16 +300,6 @@ class TrainEngine:
         return self.guard.step(self.model.parameters(), self.optimizer, self.scheduler, self.tcfg.grad_clip, loss,
                                norm_only=self.dist is not None)
 
-    def _skip_metrics(self) -> dict[str, float]:
-        return self.guard.metrics()
-
-    @property
-    def skipped_steps(self) -> int:
-        return self.guard.skipped_steps
-
-    @property
-    def bad_in_row(self) -> int:
-        return self.guard.bad_in_row
 
     # ------------------------------------------------------------------ weights & state
     def export_weights(self) -> dict[str, torch.Tensor]:
