@@ -351,15 +351,24 @@ class HFRunner:
         return self._last(self.hist[:hi, :length], pos)
 
     def score(self, tokens: list[list[int]]) -> list[torch.Tensor]:
-        """Teacher-forced log-probs of whole sequences, each `[len - 1]` (as LeanRunner.score); right padding
-        needs no mask under causal attention."""
-        ids = torch.zeros(len(tokens), max(map(len, tokens)), dtype=torch.long, device=self.device)
-        for b, t in enumerate(tokens):
-            ids[b, : len(t)] = torch.tensor(t, device=self.device)
-        logp = torch.log_softmax(self.model(input_ids=ids).logits.float(), -1)
-        return [logp[b, : len(t) - 1].gather(-1, ids[b, 1: len(t), None])[:, 0] for b, t in enumerate(tokens)]
+        """Teacher-forced log-probs of whole sequences, each `[len - 1]` (as LeanRunner.score)."""
+        return hf_token_logprobs(self.model, tokens)
 
     def _last(self, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         # right-padded rows need no mask: causal attention never looks past a row's last real token
         logits = self.model(input_ids=ids).logits
         return logits[torch.arange(len(ids), device=ids.device), last].float()
+
+
+def hf_token_logprobs(model, tokens: list[list[int]]) -> list[torch.Tensor]:
+    """Teacher-forced log-probs of whole sequences through a Hugging Face causal LM, each `[len - 1]`:
+    log p(tokens[b][t] | tokens[b][:t]) for t >= 1 (fp32 log_softmax of the raw logits), from one forward of the
+    right-padded batch with its attention mask, on the model's device."""
+    device = next(model.parameters()).device
+    ids = torch.zeros(len(tokens), max(map(len, tokens)), dtype=torch.long)
+    att = torch.zeros_like(ids)
+    for b, t in enumerate(tokens):
+        ids[b, : len(t)], att[b, : len(t)] = torch.tensor(t), 1
+    ids = ids.to(device)
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=att.to(device)).logits.float(), -1)
+    return [logp[b, : len(t) - 1].gather(-1, ids[b, 1: len(t), None])[:, 0] for b, t in enumerate(tokens)]

@@ -12,6 +12,7 @@ import asyncio
 import torch
 
 from thinkrl.rollout.base import EngineCaps, InferenceEngine, check_sequences, register_engine
+from thinkrl.rollout.forward import hf_token_logprobs
 from thinkrl.rollout.weights import tensors_of
 from thinkrl.types import Generation, SamplingParams
 
@@ -109,20 +110,12 @@ class HFEngine(InferenceEngine):
         model = self.model
         cfg = model.config
         seqs = check_sequences(sequences, cfg.vocab_size, getattr(cfg, "max_position_embeddings", None) or 1 << 30)
-        device, was_training = next(model.parameters()).device, model.training
+        was_training = model.training
         model.eval()
         out = []
         try:
             for i in range(0, len(seqs), self.max_batch):
-                chunk = seqs[i: i + self.max_batch]
-                ids = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long)
-                att = torch.zeros_like(ids)
-                for b, s in enumerate(chunk):
-                    ids[b, : len(s)], att[b, : len(s)] = torch.tensor(s), 1
-                logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=att.to(device)).logits.float(), -1)
-                for b, s in enumerate(chunk):
-                    lp = logp[b, : len(s) - 1].gather(-1, ids[b, 1: len(s), None].to(device))[:, 0]
-                    out.append([0.0] + lp.tolist())
+                out += [[0.0] + lp.tolist() for lp in hf_token_logprobs(model, seqs[i: i + self.max_batch])]
         finally:
             model.train(was_training)
         return out
