@@ -366,7 +366,9 @@ def validate(cfg: Config) -> Config:
     need(0 < cfg.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
     need(cfg.rollout.top_k >= 0, "rollout.top_k", "must be >= 0")
     need(cfg.rollout.max_staleness >= 0, "rollout.max_staleness", "must be >= 0")
-    one_of("rollout.server_api", ["sglang", "openai"])
+    from thinkrl.rollout.wire import APIS  # the remote engine's wire formats
+
+    one_of("rollout.server_api", list(APIS))
     from thinkrl.rollout.base import engine_names, pause_mode_choices  # the engine registry
 
     one_of("rollout.engine", engine_names())

@@ -130,7 +130,9 @@ class AlgoConfig:
         need(self.distill_estimator in registered_kl(), "distill_estimator", f"must be one of {', '.join(registered_kl())}")
         need(self.distill_coef > 0, "distill_coef", "must be > 0 (unset algo.distill_teacher for no distillation)")
         need(self.distill_verifier_coef >= 0, "distill_verifier_coef", "must be >= 0 (0: pure distillation)")
-        need(self.distill_teacher_api in ("sglang", "openai"), "distill_teacher_api", "must be sglang or openai")
+        from thinkrl.rollout.wire import APIS  # a remote teacher speaks the remote engine's wire formats
+
+        need(self.distill_teacher_api in APIS, "distill_teacher_api", f"must be one of {', '.join(APIS)}")
         if "://" in self.distill_teacher:
             need(all(u.strip().startswith(("http://", "https://")) and u.split("://", 1)[1].strip()
                      for u in self.distill_teacher.split(",")), "distill_teacher",
